@@ -1,0 +1,148 @@
+"""Limited-memory ("good") Broyden on ``g(z) = f(z) - z``, per sample, safeguarded."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from deqgen.solvers.base import Solver, combine, rowdot
+from deqgen.solvers.base import cast_to as _out
+
+__all__ = ["Broyden", "BroydenState"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BroydenState:
+    """Per-row low-rank inverse Jacobian ``J^-1 ~ -I + sum_j u_j v_j^T``; tensors are batch-first.
+
+    Attributes:
+        U, V: ``(B, M, D)`` rings of rank-one factors, ``M`` = ``memory``.
+        valid: ``(B, M)`` bool, which slots are part of the row's approximation.
+        x_prev, g_prev: ``(B, D)`` the iterate the last step started from and its residual ``f(x) - x``.
+        res_prev: ``(B,)`` ``||g_prev||``.
+        accelerated: ``(B,)`` bool, the last step used the low-rank model (so it may be rejected).
+        ptr: ring slot written next (the same for every row); k: steps taken.
+    """
+
+    U: Tensor
+    V: Tensor
+    valid: Tensor
+    x_prev: Tensor
+    g_prev: Tensor
+    res_prev: Tensor
+    accelerated: Tensor
+    ptr: int = 0
+    k: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Broyden(Solver[BroydenState]):
+    """Limited-memory Broyden's ("good") method for ``g(z) = f(z) - z = 0`` (Broyden, Math. Comp. 1965).
+
+    Each sample keeps ``J^-1 ~ -I + U^T V`` with at most ``memory`` rank-one pairs and steps
+    ``z+ = z - step_size * J^-1 g``. The first step is a Picard step. Memory is bounded by
+    ``2 * B * memory * D`` elements of the working dtype (float32 for fp16/bf16 inputs), whatever ``max_iter``.
+
+    Unlike torchdeq's Broyden:
+      * when the ring is full the oldest pair is dropped *before* the new pair is computed, so the newest
+        secant condition ``J^-1 dg = dz`` holds exactly;
+      * the rank-one division is guarded (``|v^T dg| > 1e-12 ||v|| ||dg||`` and finite, else the update is
+        skipped), per sample;
+      * a step whose residual grew by more than ``reject_ratio`` is rejected: the sample returns to the
+        previous iterate, clears its approximation and takes a plain step;
+      * the stopping test is the loop's, per sample: it never exits above ``tol`` with status "converged".
+
+    Args:
+        memory: number of rank-one pairs kept (>= 1).
+        step_size: ``alpha`` in ``(0, 1]``.
+        reject_ratio: reject a step whose residual is above ``reject_ratio`` times the previous one.
+        (and the shared fields of :class:`~deqgen.solvers.base.Solver`)
+
+    Example:
+        >>> import torch
+        >>> from deqgen import Broyden, fixed_point
+        >>> sol = fixed_point(torch.cos, torch.zeros(2, 3, dtype=torch.float64), Broyden(tol=1e-10))
+        >>> bool(sol.stats.all_converged), round(float(sol.z[1, 2]), 6)
+        (True, 0.739085)
+    """
+
+    memory: int = 16
+    step_size: float = 1.0
+    reject_ratio: float = 2.0
+
+    name: ClassVar[str] = "broyden"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
+            raise ValueError(f"Broyden got memory={self.memory!r}; use an integer >= 1")
+        if not (isinstance(self.step_size, (int, float)) and 0.0 < self.step_size <= 1.0):
+            raise ValueError(f"Broyden got step_size={self.step_size!r}; use 0 < step_size <= 1")
+        if not (isinstance(self.reject_ratio, (int, float)) and self.reject_ratio >= 1):
+            raise ValueError(f"Broyden got reject_ratio={self.reject_ratio!r}; use a number >= 1 (inf disables it)")
+
+    def init(self, z: Tensor) -> BroydenState:
+        B, D = z.shape
+        wd = z.dtype if z.dtype == torch.float64 else torch.float32
+        dev = z.device
+        return BroydenState(
+            U=torch.zeros(B, self.memory, D, dtype=wd, device=dev),
+            V=torch.zeros(B, self.memory, D, dtype=wd, device=dev),
+            valid=torch.zeros(B, self.memory, dtype=torch.bool, device=dev),
+            x_prev=torch.zeros(B, D, dtype=wd, device=dev),
+            g_prev=torch.zeros(B, D, dtype=wd, device=dev),
+            res_prev=torch.zeros(B, dtype=torch.float64, device=dev),
+            accelerated=torch.zeros(B, dtype=torch.bool, device=dev),
+        )
+
+    def step(self, state: BroydenState, z: Tensor, fz: Tensor, g: Tensor, res: Tensor) -> tuple[Tensor, BroydenState]:
+        s = state
+        wd = s.U.dtype
+        x, gw, res = z.to(wd), g.to(wd), res.to(torch.float64)
+        a = self.step_size
+        if s.k == 0:
+            nxt = dataclasses.replace(s, x_prev=x, g_prev=gw, res_prev=res, k=1)
+            return _out(x + a * gw, z.dtype), nxt
+
+        reject = s.accelerated & (res > self.reject_ratio * s.res_prev)
+        rej_col = reject[:, None]
+        base_x = torch.where(rej_col, s.x_prev, x)
+        base_g = torch.where(rej_col, s.g_prev, gw)
+        base_res = torch.where(reject, s.res_prev, res)
+
+        # Drop the oldest pair first, then fit the new one to the remaining model.
+        p = s.ptr
+        valid = s.valid & ~rej_col
+        valid[:, p] = False
+        dx = x - s.x_prev
+        dg = gw - s.g_prev
+        # J^-1 = -I + U^T diag(valid) V applied to dg and g, and its transpose to dx (valid pairs only).
+        Jdg = combine(rowdot(s.V, dg) * valid, s.U) - dg
+        Jg = combine(rowdot(s.V, base_g) * valid, s.U) - base_g
+        v = combine(rowdot(s.U, dx) * valid, s.V) - dx  # J^-T dx
+        denom = (v * dg).sum(-1)
+        scale = torch.linalg.vector_norm(v, dim=-1) * torch.linalg.vector_norm(dg, dim=-1)
+        ok = (denom.abs() > 1e-12 * scale) & torch.isfinite(denom) & ~reject
+        u = (dx - Jdg) / torch.where(ok, denom, 1.0)[:, None]
+        ok = ok & torch.isfinite(u).all(-1)
+        s.U[:, p] = torch.where(ok[:, None], u, 0.0)
+        s.V[:, p] = torch.where(ok[:, None], v, 0.0)
+        valid[:, p] = ok
+        # Newton-like step with the updated model: -J^-1 g = -(Jg + u (v . g)).
+        vg = (s.V[:, p] * base_g).sum(-1, keepdim=True)
+        x_next = base_x - a * (Jg + s.U[:, p] * vg)
+        nxt = dataclasses.replace(
+            s,
+            valid=valid,
+            x_prev=base_x,
+            g_prev=base_g,
+            res_prev=base_res,
+            accelerated=valid.any(-1),
+            ptr=(p + 1) % self.memory,
+            k=s.k + 1,
+        )
+        return _out(x_next, z.dtype), nxt
+

@@ -1,0 +1,1 @@
+"""Bridges to other DEQ libraries (opt-in imports)."""

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from deqgen.solvers.base import Solver, combine, rowdot
+from deqgen.solvers.base import Solver, combine, known_false, rowdot
 from deqgen.solvers.base import cast_to as _out
 
 __all__ = ["Anderson", "AndersonState"]
@@ -127,9 +127,12 @@ class Anderson(Solver[AndersonState]):
         # A step that raised the residual too much is rejected: go back to where it started.
         reject = s.accelerated & (res > self.reject_ratio * s.res_prev)
         rej = reject[:, None]
-        base_x = torch.where(rej, s.x_prev, x)
-        base_g = torch.where(rej, s.g_prev, gw)
-        base_res = torch.where(reject, s.res_prev, res)
+        if known_false(reject):
+            base_x, base_g, base_res = x, gw, res
+        else:
+            base_x = torch.where(rej, s.x_prev, x)
+            base_g = torch.where(rej, s.g_prev, gw)
+            base_res = torch.where(reject, s.res_prev, res)
 
         # Record the new difference in ring slot ptr (in place) and its row/column of the Gram matrix.
         p = s.ptr

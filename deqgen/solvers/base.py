@@ -215,9 +215,12 @@ def _run(problem: FixedPointProblem, solver: Solver[Any], want_trace: bool) -> S
             improved = res < (best_rel if rel else best_abs)  # False for NaN
             if masked:
                 improved &= live
-            best_abs = torch.where(improved, res_abs, best_abs)
-            best_rel = torch.where(improved, res_rel, best_rel)
-            best_z = torch.where(improved[:, None], z, best_z)
+            if not masked and known_false(~improved):  # every row improved: the best is the current iterate
+                best_abs, best_rel, best_z = res_abs, res_rel, z
+            else:
+                best_abs = torch.where(improved, res_abs, best_abs)
+                best_rel = torch.where(improved, res_rel, best_rel)
+                best_z = torch.where(improved[:, None], z, best_z)
             running = (res > tol) & (res < math.inf)  # False once converged, NaN or Inf
             live = live & running if masked else running
             if (k + 1) % solver.check_every == 0 or k + 1 == solver.max_iter:
@@ -235,7 +238,9 @@ def _run(problem: FixedPointProblem, solver: Solver[Any], want_trace: bool) -> S
                     keep = live.nonzero().squeeze(1)
                     z, fz, g, res_abs = z[keep], fz[keep], g[keep], res_abs[keep]
                     best_z, best_abs, best_rel = best_z[keep], best_abs[keep], best_rel[keep]
-                    nfe, live, orig = nfe[keep], live[keep], orig[keep]
+                    orig = orig[keep]
+                    if masked:  # unmasked, live is recomputed from the residuals each iteration
+                        nfe, live = nfe[keep], live[keep]
                     state = take_rows(state, keep)
                     if problem.separable and isinstance(problem.x, Tensor):
                         x_rows = problem.x[orig]
@@ -315,6 +320,16 @@ def _trace_row(res_abs: Tensor, res_rel: Tensor, live: Tensor | None, orig: Tens
 def cast_to(x: Tensor, dtype: torch.dtype) -> Tensor:
     """``x`` in ``dtype`` (no copy when it already is): solvers work in float32+ and return ``z``'s dtype."""
     return x if x.dtype == dtype else x.to(dtype)
+
+
+def known_false(mask: Tensor) -> bool:
+    """True when ``mask`` is certainly all False, decided without an accelerator sync.
+
+    On CPU the answer is read (a host read costs nothing there), which lets callers skip ``torch.where``
+    passes that CPU kernels make expensive. On other devices it returns False ("not known"), and callers take
+    the general, sync-free path.
+    """
+    return mask.device.type == "cpu" and not bool(mask.any())
 
 
 def rowdot(A: Tensor, v: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from deqgen.solvers.base import Solver, combine, rowdot
+from deqgen.solvers.base import Solver, combine, known_false, rowdot
 from deqgen.solvers.base import cast_to as _out
 
 __all__ = ["Broyden", "BroydenState"]
@@ -109,9 +109,12 @@ class Broyden(Solver[BroydenState]):
 
         reject = s.accelerated & (res > self.reject_ratio * s.res_prev)
         rej_col = reject[:, None]
-        base_x = torch.where(rej_col, s.x_prev, x)
-        base_g = torch.where(rej_col, s.g_prev, gw)
-        base_res = torch.where(reject, s.res_prev, res)
+        if known_false(reject):
+            base_x, base_g, base_res = x, gw, res
+        else:
+            base_x = torch.where(rej_col, s.x_prev, x)
+            base_g = torch.where(rej_col, s.g_prev, gw)
+            base_res = torch.where(reject, s.res_prev, res)
 
         # Drop the oldest pair first, then fit the new one to the remaining model.
         p = s.ptr

@@ -215,7 +215,9 @@ def _run(problem: FixedPointProblem, solver: Solver[Any], want_trace: bool) -> S
             improved = res < (best_rel if rel else best_abs)  # False for NaN
             if masked:
                 improved &= live
-            if not masked and known_false(~improved):  # every row improved: the best is the current iterate
+            # When every row improved (known for free on CPU) the best iterate is the current one: alias it.
+            best_is_current = not masked and known_false(~improved)
+            if best_is_current:
                 best_abs, best_rel, best_z = res_abs, res_rel, z
             else:
                 best_abs = torch.where(improved, res_abs, best_abs)
@@ -236,8 +238,11 @@ def _run(problem: FixedPointProblem, solver: Solver[Any], want_trace: bool) -> S
                         all_done = True
                         break
                     keep = live.nonzero().squeeze(1)
-                    z, fz, g, res_abs = z[keep], fz[keep], g[keep], res_abs[keep]
-                    best_z, best_abs, best_rel = best_z[keep], best_abs[keep], best_rel[keep]
+                    z, fz, g, res_abs, best_rel = z[keep], fz[keep], g[keep], res_abs[keep], best_rel[keep]
+                    if best_is_current:
+                        best_z, best_abs = z, res_abs
+                    else:
+                        best_z, best_abs = best_z[keep], best_abs[keep]
                     orig = orig[keep]
                     if masked:  # unmasked, live is recomputed from the residuals each iteration
                         nfe, live = nfe[keep], live[keep]

@@ -63,13 +63,15 @@ class Anderson(Solver[AndersonState]):
         returns to the previous iterate, takes a plain (Picard) step from there and restarts its history.
         So in the worst case it spends one wasted evaluation per rejection and otherwise behaves like Picard.
 
+    Also takes the shared fields of :class:`~deqgen.solvers.base.Solver` (``tol``, ``stop_mode``, ``norm``,
+    ``max_iter``, ``check_every``).
+
     Args:
         m: history size (>= 1).
         lam: relative ridge regularisation (>= 0).
         beta: mixing parameter in ``(0, 1]``; ``beta=1`` is undamped.
         restart_cond: restart when the history's estimated condition number exceeds this.
         reject_ratio: reject an accelerated step whose residual is above ``reject_ratio`` times the previous one.
-        (and the shared fields of :class:`~deqgen.solvers.base.Solver`)
 
     Example:
         >>> import torch

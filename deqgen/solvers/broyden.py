@@ -55,11 +55,13 @@ class Broyden(Solver[BroydenState]):
         previous iterate, clears its approximation and takes a plain step;
       * the stopping test is the loop's, per sample: it never exits above ``tol`` with status "converged".
 
+    Also takes the shared fields of :class:`~deqgen.solvers.base.Solver` (``tol``, ``stop_mode``, ``norm``,
+    ``max_iter``, ``check_every``).
+
     Args:
         memory: number of rank-one pairs kept (>= 1).
         step_size: ``alpha`` in ``(0, 1]``.
         reject_ratio: reject a step whose residual is above ``reject_ratio`` times the previous one.
-        (and the shared fields of :class:`~deqgen.solvers.base.Solver`)
 
     Example:
         >>> import torch

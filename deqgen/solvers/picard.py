@@ -19,9 +19,11 @@ class Picard(Solver[None]):
     Converges linearly at the contraction rate of ``f``; ``damping < 1`` can rescue a map whose Jacobian has
     eigenvalues near or below -1. Stateless: one evaluation and no extra memory per step.
 
+    Also takes the shared fields of :class:`~deqgen.solvers.base.Solver` (``tol``, ``stop_mode``, ``norm``,
+    ``max_iter``, ``check_every``).
+
     Args:
         damping: step size in ``(0, 1]``.
-        (and the shared fields of :class:`~deqgen.solvers.base.Solver`)
 
     Example:
         >>> import torch

@@ -62,6 +62,11 @@ class FixedPointProblem:
             )
         if not self.z0.is_floating_point():
             raise TypeError(f"FixedPointProblem.z0 must be floating point, got dtype {self.z0.dtype}")
+        if self.separable and self.x is not None and not isinstance(self.x, Tensor):
+            raise TypeError(
+                f"FixedPointProblem.x must be a batched tensor when separable=True (deqgen passes f the rows "
+                f"x[rows]), got {type(self.x).__name__}; keep other inputs in f's closure and index them with rows"
+            )
         if isinstance(self.x, Tensor) and self.separable and (self.x.dim() == 0 or self.x.shape[0] != self.batch_size):
             raise ValueError(
                 f"FixedPointProblem.x has shape {tuple(self.x.shape)} but z0 has batch size {self.batch_size}; "

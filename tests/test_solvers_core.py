@@ -379,6 +379,8 @@ def test_bad_problem_inputs() -> None:
         FixedPointProblem(3, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="x has shape"):
         FixedPointProblem(lambda z, x, rows=None: z, torch.zeros(2, 3), x=torch.zeros(5, 3), separable=True)
+    with pytest.raises(TypeError, match="x must be a batched tensor"):
+        FixedPointProblem(lambda z, x, rows=None: z, torch.zeros(2, 3), x=(1, 2), separable=True)
     with pytest.raises(TypeError, match="Solver"):
         run(FixedPointProblem(lambda z: z, torch.zeros(2, 3)), "anderson")
 
@@ -407,3 +409,62 @@ def test_solve_does_not_track_gradients() -> None:
 def test_doctests(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------- safeguards, driven step by step
+
+
+def _drive(solver, zs: list[torch.Tensor], gs: list[torch.Tensor]):
+    """Feed a solver a scripted sequence of (z, g) pairs; returns the list of proposed next iterates and the state."""
+    state = solver.init(zs[0])
+    outs = []
+    for z, g in zip(zs, gs):
+        z_next, state = solver.step(state, z, z + g, g, torch.linalg.vector_norm(g, dim=1))
+        outs.append(z_next)
+    return outs, state
+
+
+@pytest.mark.parametrize("cls", [Anderson, Broyden])
+def test_rejected_step_returns_to_previous_iterate(cls) -> None:
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(2, 6, generator=g, dtype=F64), torch.randn(2, 6, generator=g, dtype=F64)
+    g0, g1 = torch.randn(2, 6, generator=g, dtype=F64), 0.5 * torch.randn(2, 6, generator=g, dtype=F64)
+    outs, st = _drive(cls(reject_ratio=2.0), [z0, z1], [g0, g1])
+    assert bool(st.accelerated.all())  # the step from z1 used the history
+    z2 = outs[-1]
+    # row 0: residual 100x larger at z2 -> rejected; row 1: smaller -> accepted
+    g2 = torch.stack([100 * g1[0], 0.1 * g1[1]])
+    z3, st3 = cls(reject_ratio=2.0).step(st, z2, z2 + g2, g2, torch.linalg.vector_norm(g2, dim=1))
+    step_size = 1.0
+    assert torch.allclose(z3[0], z1[0] + step_size * g1[0], rtol=0, atol=1e-14)  # plain step from z1
+    assert not bool(st3.valid[0].any()) and not bool(st3.accelerated[0])  # history cleared
+    assert bool(st3.valid[1].any())
+    assert torch.equal(st3.x_prev[0], z1[0]) and torch.equal(st3.x_prev[1], z2[1])
+
+
+def test_anderson_restarts_on_ill_conditioned_history() -> None:
+    # residual differences that are (nearly) parallel make the Gram matrix singular -> restart
+    d = torch.randn(1, 8, dtype=F64)
+    zs = [torch.zeros(1, 8, dtype=F64) + 0.1 * k * d for k in range(3)]
+    gs = [d * (1.0 - 0.1 * k) + 1e-13 * k**2 for k in range(3)]
+    solver = Anderson(m=5, restart_cond=1e6, reject_ratio=math.inf)
+    outs, st = _drive(solver, zs[:2], gs[:2])
+    assert bool(st.valid.any())  # one difference: well conditioned, kept
+    outs, st = _drive(solver, zs, gs)
+    assert not bool(st.valid.any())  # the second, parallel difference: restart
+    assert torch.allclose(outs[-1], zs[-1] + gs[-1], rtol=0, atol=1e-14)  # the plain step
+
+
+@pytest.mark.parametrize("cls", [Anderson, Broyden])
+def test_rejections_keep_batch_invariance(cls) -> None:
+    # reject_ratio=1 rejects every accelerated step that raises the residual at all: exercise that path
+    B, D = 5, 16
+    f = _rowwise_map(B, D, seed=8, spread=(0.8, 0.99))
+    solver = cls(tol=1e-10, max_iter=400, reject_ratio=1.0)
+    z0 = torch.zeros(B, D, dtype=F64)
+    full = run(FixedPointProblem(f, z0, separable=True), solver)
+    assert full.stats.all_converged
+    for i in range(B):
+        r = torch.tensor([i])
+        alone = run(FixedPointProblem(lambda z, rows=None, r=r: f(z, rows=r), z0[i : i + 1], separable=True), solver)
+        assert (alone.z - full.z[i : i + 1]).abs().max() <= 1e-10 and int(alone.stats.nfe[0]) == int(full.stats.nfe[i])

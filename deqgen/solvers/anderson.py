@@ -24,7 +24,8 @@ class AndersonState:
     Attributes:
         dG: ``(B, m, D)`` ring of residual differences ``g_{i+1} - g_i``.
         C: ``(B, m, D)`` ring of ``dX + beta * dG`` (the step basis, one matmul per step).
-        H: ``(B, m, m)`` float64 Gram matrix ``dG dG^T``, updated one row/column per step.
+        H: ``(B, m, m)`` float64 Gram matrix ``dG dG^T`` of the valid slots (zero rows/columns elsewhere),
+            updated one row/column per step.
         valid: ``(B, m)`` bool, which ring slots hold a live difference for the row.
         x_prev, g_prev: ``(B, D)`` the iterate the last step started from and its residual.
         res_prev: ``(B,)`` ``||g_prev||``.
@@ -126,40 +127,44 @@ class Anderson(Solver[AndersonState]):
             nxt = dataclasses.replace(s, x_prev=x, g_prev=gw, res_prev=res, k=1)
             return (z + beta * g if beta != 1.0 else fz), nxt
 
-        # A step that raised the residual too much is rejected: go back to where it started.
+        # A step that raised the residual too much is rejected: go back to where it started and restart.
+        # H is kept "clean": rows/columns of unused slots are zero, so they need no masking below.
+        H = s.H
         reject = s.accelerated & (res > self.reject_ratio * s.res_prev)
-        rej = reject[:, None]
         if known_false(reject):
             base_x, base_g, base_res = x, gw, res
+            valid = s.valid.clone()
         else:
+            rej = reject[:, None]
             base_x = torch.where(rej, s.x_prev, x)
             base_g = torch.where(rej, s.g_prev, gw)
             base_res = torch.where(reject, s.res_prev, res)
+            valid = s.valid & ~rej
+            H.mul_(~rej.unsqueeze(-1))
 
         # Record the new difference in ring slot ptr (in place) and its row/column of the Gram matrix.
         p = s.ptr
         dg = torch.sub(gw, s.g_prev, out=s.dG[:, p])
         torch.sub(x, s.x_prev, out=s.C[:, p]).add_(dg, alpha=beta)
-        valid = s.valid & ~rej
         valid[:, p] = ~reject
-        h = rowdot(s.dG, dg).double()  # (B, m)
-        H = s.H
+        vf = valid.double()
+        h = rowdot(s.dG, dg).double().mul_(vf)  # (B, m), zero against unused slots
         H[:, p, :] = h
         H[:, :, p] = h
 
         # Ridge-regularised least squares on the trace-normalised Gram matrix (scale-free), per sample,
         # float64 Cholesky without host sync. Unused slots get a unit diagonal and a zero right-hand side.
-        vf = valid.double()
-        tr = (torch.diagonal(H, dim1=-2, dim2=-1) * vf).sum(-1, keepdim=True).clamp_min(_TINY)  # (B, 1)
-        A = H * (vf.unsqueeze(-1) * vf.unsqueeze(-2) / tr.unsqueeze(-1))
-        A = A + torch.diag_embed(1.0 - (1.0 - self.lam) * vf)
-        rhs = rowdot(s.dG, base_g).double() * (vf / tr)
+        tr = torch.diagonal(H, dim1=-2, dim2=-1).sum(-1, keepdim=True).clamp_min(_TINY)  # (B, 1)
+        A = torch.diag_embed(vf.mul(self.lam - 1.0).add_(1.0)).addcdiv_(H, tr.unsqueeze(-1))  # diag: lam or 1
+        rhs = rowdot(s.dG, base_g).double().mul_(vf).div_(tr)
         L, info = torch.linalg.cholesky_ex(A)
         gamma = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
         pivot = torch.diagonal(L, dim1=-2, dim2=-1).amin(-1).square()  # 1 / condition estimate
         good = (pivot * self.restart_cond > 1.0) & (info == 0)  # NaN pivots fail the test too
-        valid = valid & good[:, None]
-        gamma = torch.where(valid, gamma, 0.0).nan_to_num_(0.0, 0.0, 0.0).to(wd)  # overflow -> plain step
+        good_col = good[:, None]
+        valid = valid & good_col
+        H.mul_(good_col.unsqueeze(-1))  # a failed sample restarts with an empty history
+        gamma = torch.where(good_col, gamma, 0.0).to(wd)
 
         x_next = torch.add(base_x, base_g, alpha=beta).sub_(combine(gamma, s.C))
         nxt = AndersonState(

@@ -138,6 +138,18 @@ class _Outputs:
         else:
             self.nfe.index_copy_(0, at, nfe)
 
+    def stats(self, iterations: int, rows_evaluated: int, traces: list[tuple[Tensor, Tensor]]) -> SolverStats:
+        return SolverStats(
+            status=self.status,
+            nfe=self.nfe,
+            abs_residual=self.abs,
+            rel_residual=self.rel,
+            iterations=iterations,
+            rows_evaluated=rows_evaluated,
+            abs_trace=torch.stack([t[0] for t in traces]) if traces else None,
+            rel_trace=torch.stack([t[1] for t in traces]) if traces else None,
+        )
+
 
 def run(
     problem: FixedPointProblem, solver: Solver[Any], *, trace: bool = False, throw: bool = False
@@ -167,115 +179,128 @@ def run(
     return solution
 
 
+@dataclasses.dataclass
+class _Rows:
+    """The working set: the ``n <= B`` rows still in the loop, each field batch-first.
+
+    ``best_*`` hold each row's lowest-residual evaluated iterate; ``best_z`` may alias ``z``. ``nfe`` and
+    ``live`` are per row only in masked mode (finished rows wait, frozen, for the next host check); otherwise
+    every working row is live and has made ``k + 1`` evaluations.
+    """
+
+    orig: Tensor  # (n,) original row index
+    z: Tensor  # (n, D)
+    best_z: Tensor  # (n, D)
+    best_abs: Tensor  # (n,)
+    best_rel: Tensor  # (n,)
+    nfe: Tensor  # (n,)
+    live: Tensor  # (n,) bool
+
+    def take(self, keep: Tensor) -> _Rows:
+        z = self.z[keep]
+        best_z = z if self.best_z is self.z else self.best_z[keep]
+        return _Rows(
+            self.orig[keep], z, best_z, self.best_abs[keep], self.best_rel[keep], self.nfe[keep], self.live[keep]
+        )
+
+
 def _run(problem: FixedPointProblem, solver: Solver[Any], want_trace: bool) -> Solution:
     z0 = problem.z0.detach()
     B, S = problem.batch_size, problem.sample_shape
-    device = z0.device
     rdtype = _residual_dtype(z0.dtype)
-    tiny = torch.finfo(rdtype).tiny
-    fixed, tol, rel = solver.tol is None, solver.tol, solver.stop_mode == "rel"
+    fixed, rel = solver.tol is None, solver.stop_mode == "rel"
     # Between host checks, finished rows are frozen on the device by a mask (and nfe is counted per row).
     # With a check every iteration they are dropped before the next step: no mask, and nfe = k + 1.
     masked = fixed or solver.check_every > 1
     ord_ = 2.0 if solver.norm == "l2" else math.inf
 
     z = z0.reshape(B, -1)
-    orig = torch.arange(B, device=device)  # original index of each working row
+    dev = z.device
+    inf = torch.full((B,), math.inf, dtype=rdtype, device=dev)
+    rows = _Rows(
+        torch.arange(B, device=dev), z, z, inf, inf.clone(),
+        torch.zeros(B, dtype=torch.int64, device=dev), torch.ones(B, dtype=torch.bool, device=dev),
+    )
     x_rows = problem.x
     z_full = None if problem.separable else z.clone()
     state = solver.init(z)
     out = _Outputs(z, rdtype)
-    nfe = torch.zeros(B, dtype=torch.int64, device=device)
-    live = torch.ones(B, dtype=torch.bool, device=device)
-    best_z = z
-    best_abs = torch.full((B,), math.inf, dtype=rdtype, device=device)
-    best_rel = best_abs.clone()
     traces: list[tuple[Tensor, Tensor]] = []
     rows_evaluated = iterations = 0
     all_done = False
 
     for k in range(solver.max_iter):
-        n = z.shape[0]
-        fz = _evaluate(problem, z, k, orig, n < B, x_rows, z_full, S)
+        n = rows.z.shape[0]
+        fz = _evaluate(problem, rows.z, k, rows.orig, n < B, x_rows, z_full, S)
         rows_evaluated += n if problem.separable else B
         iterations = k + 1
-        g = fz - z
+        g = fz - rows.z
         res_abs = torch.linalg.vector_norm(g, ord=ord_, dim=1, dtype=rdtype)
-        res_rel = res_abs / torch.linalg.vector_norm(fz, ord=ord_, dim=1, dtype=rdtype).clamp_min(tiny)
+        res_rel = res_abs / torch.linalg.vector_norm(fz, ord=ord_, dim=1, dtype=rdtype).clamp_min(
+            torch.finfo(rdtype).tiny
+        )
         res = res_rel if rel else res_abs
         if want_trace:
-            traces.append(_trace_row(res_abs, res_rel, live if masked else None, orig, B))
+            traces.append(_trace_row(res_abs, res_rel, rows.live if masked else None, rows.orig, B))
         if masked:
-            nfe += live
+            rows.nfe += rows.live
         if fixed:  # no test, no host sync: only non-finite rows are frozen
-            best_abs = torch.where(live, res_abs, best_abs)
-            best_rel = torch.where(live, res_rel, best_rel)
-            live = live & torch.isfinite(res)
+            rows.best_abs = torch.where(rows.live, res_abs, rows.best_abs)
+            rows.best_rel = torch.where(rows.live, res_rel, rows.best_rel)
+            rows.live = rows.live & torch.isfinite(res)
         else:
-            improved = res < (best_rel if rel else best_abs)  # False for NaN
-            if masked:
-                improved &= live
-            # When every row improved (known for free on CPU) the best iterate is the current one: alias it.
-            best_is_current = not masked and known_false(~improved)
-            if best_is_current:
-                best_abs, best_rel, best_z = res_abs, res_rel, z
-            else:
-                best_abs = torch.where(improved, res_abs, best_abs)
-                best_rel = torch.where(improved, res_rel, best_rel)
-                best_z = torch.where(improved[:, None], z, best_z)
-            running = (res > tol) & (res < math.inf)  # False once converged, NaN or Inf
-            live = live & running if masked else running
+            _track_best(rows, res, res_abs, res_rel, rel, masked)
+            running = res.nan_to_num(0.0, 0.0, 0.0) > solver.tol  # False once converged, NaN or Inf
+            rows.live = (rows.live & running) if masked else running
             if (k + 1) % solver.check_every == 0 or k + 1 == solver.max_iter:
-                done = (~live).nonzero().squeeze(1)  # the host check
+                done = (~rows.live).nonzero().squeeze(1)  # the host check
                 if done.numel():
-                    best = (best_rel if rel else best_abs)[done]
-                    status = torch.where(best <= tol, int(Status.CONVERGED), int(Status.NON_FINITE))
-                    out.write(
-                        orig[done], best_z[done], best_abs[done], best_rel[done], status,
-                        nfe[done] if masked else k + 1,
-                    )
+                    _retire(out, rows, done, solver.tol, rel, None if masked else k + 1)
                     if done.numel() == n:
                         all_done = True
                         break
-                    keep = live.nonzero().squeeze(1)
-                    z, fz, g, res_abs, best_rel = z[keep], fz[keep], g[keep], res_abs[keep], best_rel[keep]
-                    if best_is_current:
-                        best_z, best_abs = z, res_abs
-                    else:
-                        best_z, best_abs = best_z[keep], best_abs[keep]
-                    orig = orig[keep]
-                    if masked:  # unmasked, live is recomputed from the residuals each iteration
-                        nfe, live = nfe[keep], live[keep]
+                    keep = rows.live.nonzero().squeeze(1)
+                    rows = rows.take(keep)
+                    fz, g, res_abs = fz[keep], g[keep], res_abs[keep]
                     state = take_rows(state, keep)
                     if problem.separable and isinstance(problem.x, Tensor):
-                        x_rows = problem.x[orig]
+                        x_rows = problem.x[rows.orig]
             if k + 1 == solver.max_iter:
                 break  # no step after the last evaluation: the best evaluated iterate is returned
-        z_next, state = solver.step(state, z, fz, g, res_abs)
-        z = torch.where(live[:, None], z_next, z) if masked else z_next
+        z_next, state = solver.step(state, rows.z, fz, g, res_abs)
+        rows.z = torch.where(rows.live[:, None], z_next, rows.z) if masked else z_next
 
     if fixed:
-        status = torch.where(live, int(Status.BUDGET), int(Status.NON_FINITE))
-        out.write(orig, z, best_abs, best_rel, status, nfe)
+        status = torch.where(rows.live, int(Status.BUDGET), int(Status.NON_FINITE))
+        out.write(rows.orig, rows.z, rows.best_abs, rows.best_rel, status, rows.nfe)
     elif not all_done:  # the last check dropped every finished row: the rest ran out of iterations
-        status = torch.full_like(orig, int(Status.MAX_ITER))
-        out.write(orig, best_z, best_abs, best_rel, status, nfe if masked else iterations)
+        status = torch.full_like(rows.orig, int(Status.MAX_ITER))
+        out.write(rows.orig, rows.best_z, rows.best_abs, rows.best_rel, status, rows.nfe if masked else iterations)
+    return Solution(z=out.z.reshape(problem.z0.shape), stats=out.stats(iterations, rows_evaluated, traces))
 
-    abs_trace = rel_trace = None
-    if want_trace:
-        abs_trace = torch.stack([t[0] for t in traces])
-        rel_trace = torch.stack([t[1] for t in traces])
-    stats = SolverStats(
-        status=out.status,
-        nfe=out.nfe,
-        abs_residual=out.abs,
-        rel_residual=out.rel,
-        iterations=iterations,
-        rows_evaluated=rows_evaluated,
-        abs_trace=abs_trace,
-        rel_trace=rel_trace,
+
+def _track_best(rows: _Rows, res: Tensor, res_abs: Tensor, res_rel: Tensor, rel: bool, masked: bool) -> None:
+    """Keep each row's lowest stop-mode residual and its iterate (NaN never counts as lower)."""
+    improved = res < (rows.best_rel if rel else rows.best_abs)
+    if masked:
+        improved &= rows.live
+    if not masked and known_false(~improved):  # every row improved (known for free on CPU): alias
+        rows.best_abs, rows.best_rel, rows.best_z = res_abs, res_rel, rows.z
+        return
+    rows.best_abs = torch.where(improved, res_abs, rows.best_abs)
+    rows.best_rel = torch.where(improved, res_rel, rows.best_rel)
+    rows.best_z = torch.where(improved[:, None], rows.z, rows.best_z)
+
+
+def _retire(out: _Outputs, rows: _Rows, done: Tensor, tol: float, rel: bool, nfe: int | None) -> None:
+    """Write the finished rows ``done`` to the outputs: converged when their best residual is <= tol, else
+    the loop stopped them for a NaN/Inf residual."""
+    best = (rows.best_rel if rel else rows.best_abs)[done]
+    status = torch.where(best <= tol, int(Status.CONVERGED), int(Status.NON_FINITE))
+    out.write(
+        rows.orig[done], rows.best_z[done], rows.best_abs[done], rows.best_rel[done], status,
+        rows.nfe[done] if nfe is None else nfe,
     )
-    return Solution(z=out.z.reshape(problem.z0.shape), stats=stats)
 
 
 def _evaluate(

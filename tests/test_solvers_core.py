@@ -468,3 +468,36 @@ def test_rejections_keep_batch_invariance(cls) -> None:
         r = torch.tensor([i])
         alone = run(FixedPointProblem(lambda z, rows=None, r=r: f(z, rows=r), z0[i : i + 1], separable=True), solver)
         assert (alone.z - full.z[i : i + 1]).abs().max() <= 1e-10 and int(alone.stats.nfe[0]) == int(full.stats.nfe[i])
+
+
+# ---------------------------------------------------------------- CUDA (skipped without a GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", SOLVERS)
+def test_cuda_fixed_budget_makes_no_host_sync(cls) -> None:
+    bp = tanh_mlp(B=4, D=32, dtype=torch.float32)
+    z0 = bp.z0.cuda()
+    W = torch.randn(32, 32, device="cuda") * 0.1
+    fixed_point(lambda z: torch.tanh(z @ W), z0, cls(tol=None, max_iter=3))  # warm-up (allocations, kernels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sol = fixed_point(lambda z: torch.tanh(z @ W), z0, cls(tol=None, max_iter=10))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sol.z.is_cuda and bool((sol.stats.status == Status.BUDGET).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", SOLVERS)
+def test_cuda_matches_cpu(cls) -> None:
+    bp = mixed(B=6, D=24)
+    cpu = fixed_point(bp.f, bp.z0, cls(tol=1e-10, max_iter=300), separable=True)
+    f_cuda = mixed(B=6, D=24)
+
+    def f(z, rows=None):
+        return f_cuda.f(z.cpu(), rows=None if rows is None else rows.cpu()).cuda()
+
+    gpu = fixed_point(f, bp.z0.cuda(), cls(tol=1e-10, max_iter=300), separable=True)
+    assert torch.equal(gpu.stats.nfe.cpu(), cpu.stats.nfe) and (gpu.z.cpu() - cpu.z).abs().max() < 1e-9

@@ -253,13 +253,15 @@ def _run(problem: FixedPointProblem, solver: Solver[Any], want_trace: bool) -> S
             running = res.nan_to_num(0.0, 0.0, 0.0) > solver.tol  # False once converged, NaN or Inf
             rows.live = (rows.live & running) if masked else running
             if (k + 1) % solver.check_every == 0 or k + 1 == solver.max_iter:
-                done = (~rows.live).nonzero().squeeze(1)  # the host check
-                if done.numel():
+                live_host = rows.live.cpu()  # the host check: the only synchronisation of the iteration
+                done_host = (~live_host).nonzero().squeeze(1)
+                if done_host.numel():
+                    done = done_host.to(dev, non_blocking=True)
                     _retire(out, rows, done, solver.tol, rel, None if masked else k + 1)
-                    if done.numel() == n:
+                    if done_host.numel() == n:
                         all_done = True
                         break
-                    keep = rows.live.nonzero().squeeze(1)
+                    keep = live_host.nonzero().squeeze(1).to(dev, non_blocking=True)
                     rows = rows.take(keep)
                     fz, g, res_abs = fz[keep], g[keep], res_abs[keep]
                     state = take_rows(state, keep)

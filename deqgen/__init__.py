@@ -3,9 +3,12 @@
 Public API (anything not re-exported here may change)::
 
     from deqgen import FixedPointProblem, Picard, Anderson, Broyden, fixed_point, run, Solution, SolverStats, Status
+    from deqgen import ImplicitLayer, JFB, SJFB, Phantom, ImplicitDiff, Unrolled
 """
 
-from deqgen import solvers
+from deqgen import gradients, solvers
+from deqgen.gradients import JFB, SJFB, ImplicitDiff, Phantom, Unrolled
+from deqgen.layer import ImplicitLayer
 from deqgen.problem import FixedPointProblem
 from deqgen.solve import fixed_point
 from deqgen.solvers import Anderson, Broyden, Picard, Solver, run
@@ -22,6 +25,13 @@ __all__ = [
     "fixed_point",
     "run",
     "solvers",
+    "gradients",
+    "ImplicitLayer",
+    "JFB",
+    "SJFB",
+    "Phantom",
+    "ImplicitDiff",
+    "Unrolled",
     "Solution",
     "SolverStats",
     "SolverError",

@@ -404,7 +404,8 @@ def test_solve_does_not_track_gradients() -> None:
 
 @pytest.mark.parametrize(
     "module",
-    ["deqgen.problem", "deqgen.solve", "deqgen.solvers.picard", "deqgen.solvers.anderson", "deqgen.solvers.broyden"],
+    ["deqgen.problem", "deqgen.solve", "deqgen.solvers.picard", "deqgen.solvers.anderson", "deqgen.solvers.broyden",
+     "deqgen.layer"],
 )
 def test_doctests(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), verbose=False)

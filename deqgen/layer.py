@@ -43,7 +43,8 @@ class ImplicitLayer(nn.Module):
     Args:
         f: the map ``f(z, x, k) -> (B, *S)``.
         gradient: a :class:`~deqgen.gradients.GradientMethod` (default: S-JFB with VIAR's ranges).
-        train_solver: forward solver in training (default Picard, used by S-JFB as a fixed budget).
+        train_solver: forward solver in training (default Picard, tol 1e-4, 50 iterations; S-JFB runs it as a
+            fixed budget of k1 evaluations).
         eval_solver: solver in eval / no-grad mode (default Picard, tol 1e-4, 50 iterations).
 
     Example:
@@ -74,7 +75,7 @@ class ImplicitLayer(nn.Module):
                 raise TypeError(f"{name} must be a deqgen Solver, got {type(s).__name__}")
         self.f = f  # an nn.Module f is registered by nn.Module.__setattr__
         self.gradient = gradient if gradient is not None else SJFB()
-        self.train_solver = train_solver if train_solver is not None else Picard(tol=None, max_iter=10)
+        self.train_solver = train_solver if train_solver is not None else Picard(tol=1e-4, max_iter=50)
         self.eval_solver = eval_solver if eval_solver is not None else Picard(tol=1e-4, max_iter=50)
 
     def forward(

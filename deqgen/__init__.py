@@ -4,11 +4,14 @@ Public API (anything not re-exported here may change)::
 
     from deqgen import FixedPointProblem, Picard, Anderson, Broyden, fixed_point, run, Solution, SolverStats, Status
     from deqgen import ImplicitLayer, JFB, SJFB, Phantom, ImplicitDiff, Unrolled
+    from deqgen import attention, AttentionBackend, AppendCache, IterationKeyedCache, EquilibriumCache
 """
 
 from deqgen import gradients, solvers
 from deqgen.gradients import JFB, SJFB, ImplicitDiff, Phantom, Unrolled
+from deqgen.kv_cache import AppendCache, EquilibriumCache, IterationKeyedCache, KVCache, MissingIterationError
 from deqgen.layer import ImplicitLayer
+from deqgen.nn.attention import AttentionBackend, attention
 from deqgen.problem import FixedPointProblem
 from deqgen.solve import fixed_point
 from deqgen.solvers import Anderson, Broyden, Picard, Solver, run
@@ -32,6 +35,13 @@ __all__ = [
     "Phantom",
     "ImplicitDiff",
     "Unrolled",
+    "attention",
+    "AttentionBackend",
+    "KVCache",
+    "AppendCache",
+    "IterationKeyedCache",
+    "EquilibriumCache",
+    "MissingIterationError",
     "Solution",
     "SolverStats",
     "SolverError",

@@ -8,9 +8,9 @@ Public API (anything not re-exported here may change)::
 """
 
 from deqgen import gradients, solvers
-from deqgen.gradients import JFB, SJFB, ImplicitDiff, Phantom, Unrolled
+from deqgen.gradients import JFB, SJFB, BackwardStatsRecorder, GradInfo, ImplicitDiff, Phantom, Unrolled
 from deqgen.kv_cache import AppendCache, EquilibriumCache, IterationKeyedCache, KVCache, MissingIterationError
-from deqgen.layer import ImplicitLayer
+from deqgen.layer import ImplicitLayer, implicit_solve
 from deqgen.nn.attention import AttentionBackend, attention
 from deqgen.problem import FixedPointProblem
 from deqgen.solve import fixed_point
@@ -30,6 +30,9 @@ __all__ = [
     "solvers",
     "gradients",
     "ImplicitLayer",
+    "implicit_solve",
+    "GradInfo",
+    "BackwardStatsRecorder",
     "JFB",
     "SJFB",
     "Phantom",

@@ -3,6 +3,8 @@
 Each method is a frozen object with ``attach(step, z0, solver, generator) -> (z, GradInfo)``, where
 ``step(z, k)`` applies the layer's map once (``f(z, x, k)``) with autograd recording as usual. Forward solves
 run under ``torch.no_grad()`` through deqgen's solver loop, so no-grad iterations never cost training memory.
+Recorded steps continue the iteration count of the solve before them (``k1, k1 + 1, ...``), so a map that
+keys state by ``k`` (VIAR's attention cache) sees one consistent trajectory.
 
 ===============  ======================================  ============================  =======================
 method           backward                                extra memory                  bias
@@ -13,39 +15,55 @@ method           backward                                extra memory           
 ``Phantom(k)``   k damped tracked steps after z*         k steps                       -> 0 as k grows
 ``ImplicitDiff`` solves u = J^T u + g at z*              one step (recomputed)         solver tolerance only
 ===============  ======================================  ============================  =======================
+
+Only ``Unrolled`` differentiates with respect to ``z0``: the others estimate the gradient at the fixed point,
+which does not depend on where the solve started, so they start from ``z0.detach()``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from deqgen import solvers as _solvers
 from deqgen.problem import FixedPointProblem
 from deqgen.solvers.anderson import Anderson
 from deqgen.solvers.base import Solver, run
-from deqgen.stats import Solution
+from deqgen.stats import Solution, SolverError
 
 __all__ = [
-    "GradInfo",
-    "forward_solve",
-    "GradientMethod",
-    "Unrolled",
-    "JFB",
-    "SJFB",
-    "Phantom",
-    "ImplicitDiff",
     "GRADIENTS",
+    "JFB",
+    "ROUNDING_FLOOR",
+    "SJFB",
+    "BackwardStatsRecorder",
+    "GradInfo",
+    "GradientMethod",
+    "ImplicitDiff",
+    "Phantom",
+    "Unrolled",
+    "forward_solve",
     "get",
+    "options",
 ]
+
+logger = logging.getLogger(__name__)
 
 Step = Callable[[Tensor, int], Tensor]
 """``step(z, k) -> f(z, x, k)``: one application of the layer's map, ``z: (B, *S)``."""
+
+ROUNDING_FLOOR = 4.0
+"""The adjoint tolerance is never below ``ROUNDING_FLOOR * eps`` of the lowest precision the backward computes
+in (the step's output dtype, or the autocast dtype): below that the residual is rounding noise and the solve
+would only burn its ``max_iter``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +71,10 @@ class GradInfo:
     """What a gradient method did in one forward call.
 
     Attributes:
-        no_grad_steps: evaluations made without autograd (S-JFB's k1, or the solver's iterations).
-        grad_steps: evaluations recorded for backprop (S-JFB's k2, JFB's k, ...).
-        forward: the forward solve's :class:`~deqgen.stats.Solution` (None for ``Unrolled``).
+        no_grad_steps: evaluations made without autograd: S-JFB's ``k1``, or the forward solver's iterations.
+        grad_steps: evaluations recorded for backprop: S-JFB's ``k2``, JFB's ``k``, ... (0 in eval mode).
+        forward: the no-grad solve's :class:`~deqgen.stats.Solution` (``z: (B, *S)`` and per-sample stats);
+            None when there was no no-grad phase (``Unrolled``, S-JFB with ``k1 = 0``).
     """
 
     no_grad_steps: int
@@ -72,14 +91,28 @@ class GradientMethod(ABC):
     def attach(
         self, step: Step, z0: Tensor, solver: Solver[Any], generator: torch.Generator | None = None
     ) -> tuple[Tensor, GradInfo]:
-        """Run the forward pass and return ``(z, info)``; ``z: (B, *S)`` carries the method's graph."""
+        """Run the forward pass and return ``(z, info)``.
+
+        Args:
+            step: ``step(z, k)``, one recorded application of the map.
+            z0: start point ``(B, *S)``.
+            solver: the forward solver (its ``tol``/``max_iter`` set the no-grad budget).
+            generator: random source, for stochastic methods only.
+
+        Returns:
+            ``z: (B, *S)`` carrying the method's graph, and a :class:`GradInfo`.
+        """
 
 
 def forward_solve(step: Step, z0: Tensor, solver: Solver[Any]) -> Solution:
-    """Solve ``z = step(z, k)`` from ``z0: (B, *S)`` without autograd; ``k`` is passed on to ``step``."""
+    """Solve ``z = step(z, k)`` from ``z0: (B, *S)`` without autograd; ``k`` counts evaluations from 0.
+
+    The iterate stays in ``z0``'s dtype: under ``torch.autocast`` ``f`` computes in low precision but the
+    solver accumulates in ``z0``'s (usually float32).
+    """
 
     def f(z: Tensor, k: int) -> Tensor:
-        return step(z, k).to(z.dtype)  # under autocast f may return a lower precision
+        return step(z, k).to(z.dtype)
 
     return run(FixedPointProblem(f, z0.detach(), indexed=True), solver)
 
@@ -92,15 +125,22 @@ def _tracked_steps(step: Step, z: Tensor, k_start: int, k: int, damping: float =
 
 
 def _check_int(cls: str, field: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{cls} got {field}={value!r}; use an integer >= {low}")
+    if value < low:
         raise ValueError(f"{cls} got {field}={value!r}; use an integer >= {low}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Unrolled(GradientMethod):
-    """Plain backprop through ``k`` recorded steps from ``z0``: the exact gradient of the unrolled map.
+    """Plain backprop through ``k`` recorded steps from ``z0`` (iterations ``0 .. k-1``): the exact gradient
+    of the unrolled map, including the gradient with respect to ``z0``.
 
-    Memory grows with ``k``; use it as the reference the other methods approximate.
+    Memory grows with ``k``; use it as the reference the other methods approximate (for a contraction it
+    tends to the implicit gradient of Bai et al., 2019, as ``k`` grows). The forward solver is not used.
+
+    Args:
+        k: recorded steps, ``>= 1``.
     """
 
     k: int = 30
@@ -109,7 +149,9 @@ class Unrolled(GradientMethod):
     def __post_init__(self) -> None:
         _check_int("Unrolled", "k", self.k, 1)
 
-    def attach(self, step, z0, solver, generator=None):
+    def attach(
+        self, step: Step, z0: Tensor, solver: Solver[Any], generator: torch.Generator | None = None
+    ) -> tuple[Tensor, GradInfo]:
         return _tracked_steps(step, z0, 0, self.k), GradInfo(0, self.k)
 
 
@@ -119,7 +161,12 @@ class JFB(GradientMethod):
     networks"): solve without autograd, then backprop through ``k`` recorded steps from the fixed point.
 
     With ``k=1`` the backward is ``dL/dtheta = (dL/dz) df/dtheta`` at ``z*``: the implicit gradient with
-    ``(I - J)^-1`` replaced by ``I``. Cheap and constant in memory; biased when ``f`` contracts weakly.
+    ``(I - J)^-1`` replaced by ``I``. Cheap and constant in memory; a descent direction when ``f`` contracts,
+    biased when it contracts weakly. The recorded steps are iterations ``n, n + 1, ...`` where ``n`` is the
+    number of evaluations the forward solve made.
+
+    Args:
+        k: recorded steps, ``>= 1``.
     """
 
     k: int = 1
@@ -128,7 +175,9 @@ class JFB(GradientMethod):
     def __post_init__(self) -> None:
         _check_int("JFB", "k", self.k, 1)
 
-    def attach(self, step, z0, solver, generator=None):
+    def attach(
+        self, step: Step, z0: Tensor, solver: Solver[Any], generator: torch.Generator | None = None
+    ) -> tuple[Tensor, GradInfo]:
         sol = forward_solve(step, z0, solver)
         z = _tracked_steps(step, sol.z, sol.stats.iterations, self.k)
         return z, GradInfo(sol.stats.iterations, self.k, sol)
@@ -137,16 +186,22 @@ class JFB(GradientMethod):
 @dataclasses.dataclass(frozen=True)
 class SJFB(GradientMethod):
     """Stochastic JFB, as VIAR trains its implicit block: per call draw ``k1 ~ U[no_grad]`` and
-    ``k2 ~ U[with_grad]`` (inclusive integer ranges) from the caller's generator, run ``k1`` evaluations of
-    the solver in fixed-budget mode without autograd, then ``k2`` recorded plain steps (iteration numbers
-    ``k1, k1 + 1, ...``).
+    ``k2 ~ U[with_grad]`` (inclusive integer ranges), run ``k1`` evaluations of the forward solver in
+    fixed-budget mode without autograd, then ``k2`` recorded plain steps at iterations ``k1 .. k1 + k2 - 1``.
+    A JFB variant (Fung et al., AAAI 2022) with a random truncation.
 
     Unlike the official VIAR code, which runs the "no-grad" phase under a ``nullcontext`` and so records it,
     the ``k1`` phase here runs under ``torch.no_grad()``: training memory does not grow with ``k1``.
 
-    Random draws: each call draws two integers from ``generator`` (k1 first), on the CPU. Give every rank
-    its own seeded generator for reproducible, rank-specific draws, or the same seed everywhere for
-    identical schedules across ranks.
+    Random stream: every call draws exactly two integers from the caller's ``generator``, ``k1`` then
+    ``k2`` (``torch.randint`` on the generator's device). Under DDP give every rank a generator with the
+    **same** seed (e.g. ``torch.Generator().manual_seed(seed)``): all ranks then run the same ``k1, k2`` in
+    lock step, so no rank waits for a slower one at the gradient all-reduce, and a run is reproducible from
+    the seed. Save ``generator.get_state()`` with checkpoints to resume the same schedule.
+
+    Args:
+        no_grad: ``(low, high)`` for ``k1``, ``0 <= low <= high`` (VIAR: ``(0, 10)``).
+        with_grad: ``(low, high)`` for ``k2``, ``1 <= low <= high`` (VIAR: ``(1, 12)``).
     """
 
     no_grad: tuple[int, int] = (0, 10)
@@ -155,21 +210,33 @@ class SJFB(GradientMethod):
 
     def __post_init__(self) -> None:
         for field, low in (("no_grad", 0), ("with_grad", 1)):
-            lo_hi = tuple(getattr(self, field))
-            if len(lo_hi) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in lo_hi):
-                raise ValueError(f"SJFB got {field}={getattr(self, field)!r}; use a pair of integers (low, high)")
-            if not (low <= lo_hi[0] <= lo_hi[1]):
-                raise ValueError(f"SJFB got {field}={lo_hi}; use {low} <= low <= high")
-            object.__setattr__(self, field, lo_hi)
+            value = getattr(self, field)
+            pair = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+            if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in pair):
+                raise ValueError(f"SJFB got {field}={value!r}; use a pair of integers (low, high)")
+            if not (low <= pair[0] <= pair[1]):
+                raise ValueError(f"SJFB got {field}={pair}; use {low} <= low <= high")
+            object.__setattr__(self, field, pair)
 
-    def draw(self, generator: torch.Generator | None) -> tuple[int, int]:
-        """``(k1, k2)``, each uniform over its inclusive range."""
-        k1 = int(torch.randint(self.no_grad[0], self.no_grad[1] + 1, (1,), generator=generator))
-        k2 = int(torch.randint(self.with_grad[0], self.with_grad[1] + 1, (1,), generator=generator))
+    def draw(self, generator: torch.Generator) -> tuple[int, int]:
+        """``(k1, k2)``, each uniform over its inclusive range; consumes two draws from ``generator``."""
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"SJFB draws k1, k2 from a torch.Generator you pass, got {type(generator).__name__}; pass "
+                "generator=torch.Generator().manual_seed(seed) (the same seed on every rank) to the layer's "
+                "forward"
+            )
+        dev = generator.device
+        k1 = int(torch.randint(self.no_grad[0], self.no_grad[1] + 1, (1,), generator=generator, device=dev))
+        k2 = int(
+            torch.randint(self.with_grad[0], self.with_grad[1] + 1, (1,), generator=generator, device=dev)
+        )
         return k1, k2
 
-    def attach(self, step, z0, solver, generator=None):
-        k1, k2 = self.draw(generator)
+    def attach(
+        self, step: Step, z0: Tensor, solver: Solver[Any], generator: torch.Generator | None = None
+    ) -> tuple[Tensor, GradInfo]:
+        k1, k2 = self.draw(generator)  # type: ignore[arg-type]  # draw() explains a missing generator
         sol = None
         z = z0.detach()
         if k1 > 0:
@@ -181,8 +248,12 @@ class SJFB(GradientMethod):
 @dataclasses.dataclass(frozen=True)
 class Phantom(GradientMethod):
     """Phantom gradients (Geng et al., NeurIPS 2021, "On training implicit models"): from the fixed point,
-    ``k`` recorded damped steps ``z <- z + damping (f(z) - z)``. The backward approximates the implicit
-    gradient by a truncated Neumann series; the error shrinks like ``||(1 - damping) I + damping J||^k``.
+    ``k`` recorded damped steps ``z <- z + damping (f(z) - z)``. The backward is a truncated Neumann series
+    of the implicit gradient; its error shrinks like ``||(1 - damping) I + damping J||^k``.
+
+    Args:
+        k: recorded steps, ``>= 1``.
+        damping: step size in ``(0, 1]``; ``damping=1`` is ``JFB(k)``.
     """
 
     k: int = 5
@@ -191,73 +262,183 @@ class Phantom(GradientMethod):
 
     def __post_init__(self) -> None:
         _check_int("Phantom", "k", self.k, 1)
-        if not (isinstance(self.damping, (int, float)) and 0 < self.damping <= 1):
+        if (
+            isinstance(self.damping, bool)
+            or not isinstance(self.damping, (int, float))
+            or not 0 < self.damping <= 1
+        ):
             raise ValueError(f"Phantom got damping={self.damping!r}; use 0 < damping <= 1")
 
-    def attach(self, step, z0, solver, generator=None):
+    def attach(
+        self, step: Step, z0: Tensor, solver: Solver[Any], generator: torch.Generator | None = None
+    ) -> tuple[Tensor, GradInfo]:
         sol = forward_solve(step, z0, solver)
         z = _tracked_steps(step, sol.z, sol.stats.iterations, self.k, self.damping)
         return z, GradInfo(sol.stats.iterations, self.k, sol)
+
+
+class BackwardStatsRecorder:
+    """Collects the adjoint :class:`~deqgen.stats.Solution` of every :class:`ImplicitDiff` backward.
+
+    Pass it as ``ImplicitDiff(recorder=...)``; read it after ``backward()`` and ``clear()`` it each step (it
+    keeps every solution it is given, adjoints ``u: (B, *S)`` included).
+
+    Example:
+        >>> rec = BackwardStatsRecorder()
+        >>> method = ImplicitDiff(recorder=rec)
+        >>> len(rec.solutions)
+        0
+    """
+
+    def __init__(self) -> None:
+        self.solutions: list[Solution] = []
+
+    def __call__(self, solution: Solution) -> None:
+        self.solutions.append(solution)
+
+    def clear(self) -> None:
+        """Forget the recorded solutions."""
+        self.solutions.clear()
+
+    @property
+    def all_converged(self) -> bool:
+        """True when every recorded adjoint solve converged for every sample (a host sync)."""
+        return all(s.stats.all_converged for s in self.solutions)
+
+    def summary(self) -> str:
+        """One line per recorded backward solve."""
+        return "\n".join(f"backward {i}: {s.stats.summary()}" for i, s in enumerate(self.solutions))
+
+
+def _default_adjoint_solver() -> Solver[Any]:
+    return Anderson(tol=1e-6, max_iter=50)
 
 
 @dataclasses.dataclass(frozen=True)
 class ImplicitDiff(GradientMethod):
     """Implicit differentiation (Bai et al., NeurIPS 2019, "Deep equilibrium models"): at ``z* = f(z*)`` the
     backward solves the adjoint fixed point ``u = J^T u + g`` (``J = df/dz`` at ``z*``, ``g`` the incoming
-    gradient) with any deqgen solver, then backpropagates ``u`` through one step of ``f``.
+    gradient) with any deqgen solver, then backpropagates ``u`` through one recorded step of ``f``. Exact up
+    to the adjoint's tolerance; memory is one step of ``f`` plus the backward solver's history.
 
-    It is an ``autograd.Function`` (no hooks stored on modules), so a layer may be called several times per
-    step and under DDP. The adjoint is per sample; its stop test is relative (``||u - J^T u - g|| /
-    ||J^T u + g||``), so the tolerance scales with the gradient. ``recorder``, if given, receives the backward
-    :class:`~deqgen.stats.Solution` of every backward call (non-convergence is then visible); with
-    ``throw=True`` a sample whose adjoint did not converge raises.
+    It is an ``autograd.Function`` defined once at module level: no hooks are stored on modules, so a layer
+    may be called several times per step (each call gets its own backward) and under DDP.
+
+    Tolerance: each sample's incoming gradient is normalised to unit norm before the solve (the adjoint is
+    linear, so ``u`` is scaled back exactly), so ``tol`` is relative to ``||g||`` in either stop mode, and a
+    GradScaler factor or a tiny loss does not change the work. The tolerance is also raised to
+    ``ROUNDING_FLOOR * eps`` of the backward's compute dtype (bf16 under autocast: about 3e-2; float32:
+    about 5e-7), below which the residual is rounding noise. The adjoint iterates in float32 or wider.
+
+    Non-convergence is never silent: the backward :class:`~deqgen.stats.Solution` goes to ``recorder``;
+    with ``throw=True`` a sample whose adjoint did not converge raises :class:`~deqgen.stats.SolverError`
+    from ``backward()``; with neither, a warning is logged.
 
     Args:
-        solver: the backward solver (default: Anderson, rel tol 1e-8, 100 iterations).
-        recorder: called with each backward solution.
-        throw: raise :class:`~deqgen.stats.SolverError` when the adjoint does not converge.
+        solver: the backward solver (default ``Anderson(tol=1e-6, max_iter=50)``, relative stop test).
+        recorder: called with each backward solution, e.g. a :class:`BackwardStatsRecorder`.
+        throw: raise when the adjoint does not converge.
+        init: the adjoint's start point: ``"grad"`` (``u0 = g``, the JFB answer, one Neumann term ahead) or
+            ``"zero"``.
     """
 
-    solver: Solver[Any] = dataclasses.field(default_factory=lambda: Anderson(tol=1e-8, max_iter=100))
+    solver: Solver[Any] = dataclasses.field(default_factory=_default_adjoint_solver)
     recorder: Callable[[Solution], None] | None = None
     throw: bool = False
+    init: Literal["grad", "zero"] = "grad"
     name: ClassVar[str] = "implicit"
 
     def __post_init__(self) -> None:
         if not isinstance(self.solver, Solver):
-            raise TypeError(f"ImplicitDiff needs a deqgen Solver for the backward, got {type(self.solver).__name__}")
+            raise TypeError(
+                f"ImplicitDiff needs a deqgen Solver for the backward, got {type(self.solver).__name__}; "
+                "e.g. ImplicitDiff(Anderson(tol=1e-6)), or gradients.get('implicit', solver='anderson')"
+            )
+        if self.recorder is not None and not callable(self.recorder):
+            raise TypeError(f"ImplicitDiff recorder must be callable, got {type(self.recorder).__name__}")
+        if self.init not in ("grad", "zero"):
+            raise ValueError(f"ImplicitDiff got init={self.init!r}; use 'grad' or 'zero'")
 
-    def attach(self, step, z0, solver, generator=None):
+    def attach(
+        self, step: Step, z0: Tensor, solver: Solver[Any], generator: torch.Generator | None = None
+    ) -> tuple[Tensor, GradInfo]:
         sol = forward_solve(step, z0, solver)
         z_star = sol.z.detach().requires_grad_()
-        k = sol.stats.iterations
-        fz = step(z_star, k)  # one recorded step: the graph to the parameters and the injection
-        z = _AdjointBackward.apply(fz, z_star, self)
+        fz = step(z_star, sol.stats.iterations)  # the one recorded step: graph to the parameters and x
+        z = _AdjointBackward.apply(fz, z_star, self, _compute_eps(fz))
         return z, GradInfo(sol.stats.iterations, 1, sol)
+
+    def adjoint_tol(self, eps: float) -> float | None:
+        """The tolerance the backward uses when the step computes with machine epsilon ``eps``."""
+        if self.solver.tol is None:
+            return None
+        return max(self.solver.tol, ROUNDING_FLOOR * eps)
+
+
+def _compute_eps(fz: Tensor) -> float:
+    """Machine epsilon of the lowest precision the step's backward runs in."""
+    eps = torch.finfo(fz.dtype).eps
+    dev = fz.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        eps = max(eps, torch.finfo(torch.get_autocast_dtype(dev)).eps)
+    return eps
 
 
 class _AdjointBackward(torch.autograd.Function):
-    """Identity forward on ``f(z*)``; backward replaces the incoming ``g`` by ``u = J^T u + g``."""
+    """Identity forward on ``f(z*)``; the backward replaces the incoming ``g`` by ``u = J^T u + g``."""
 
     @staticmethod
-    def forward(ctx: Any, fz: Tensor, z_star: Tensor, method: ImplicitDiff) -> Tensor:
-        ctx.method = method
+    def forward(ctx: Any, fz: Tensor, z_star: Tensor, method: ImplicitDiff, eps: float) -> Tensor:
+        ctx.method, ctx.eps = method, eps
         ctx.save_for_backward(fz, z_star)
         return fz.detach().clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        if torch.is_grad_enabled():  # create_graph=True: u's own dependence on theta and x would be dropped
+            raise RuntimeError(
+                "ImplicitDiff has no double backward (backward with create_graph=True, e.g. a gradient "
+                "penalty or a Hessian-vector product); use Unrolled, JFB or Phantom for higher-order "
+                "gradients"
+            )
         fz, z_star = ctx.saved_tensors
-        method: ImplicitDiff = ctx.method
+        u = _solve_adjoint(fz, z_star, grad, ctx.method, ctx.eps)
+        return u.to(fz.dtype), None, None, None
 
-        def adjoint(u: Tensor) -> Tensor:
-            (jtu,) = torch.autograd.grad(fz, z_star, u.to(fz.dtype), retain_graph=True)
-            return (jtu + grad).to(u.dtype)
 
-        sol = run(FixedPointProblem(adjoint, grad.detach()), method.solver, throw=method.throw)
-        if method.recorder is not None:
-            method.recorder(sol)
-        return sol.z, None, None
+def _solve_adjoint(fz: Tensor, z_star: Tensor, grad: Tensor, method: ImplicitDiff, eps: float) -> Tensor:
+    """``u: (B, *S)`` with ``u = J^T u + grad`` (``J = d fz / d z_star``), solved with ``method.solver``."""
+    work = torch.promote_types(grad.dtype, torch.float32)
+    g = grad.detach().to(work)
+    ord_ = math.inf if method.solver.norm == "inf" else 2.0  # tol is relative to ||g|| in the solver's norm
+    scale = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), ord=ord_, dim=1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).view(-1, *([1] * (g.dim() - 1)))
+    g_unit = g / scale
+
+    def adjoint(u: Tensor) -> Tensor:
+        (jtu,) = torch.autograd.grad(fz, z_star, u.to(fz.dtype), retain_graph=True, allow_unused=True)
+        return g_unit if jtu is None else jtu.to(u.dtype) + g_unit
+
+    u0 = g_unit if method.init == "grad" else torch.zeros_like(g_unit)
+    solver = dataclasses.replace(method.solver, tol=method.adjoint_tol(eps))
+    sol = run(FixedPointProblem(adjoint, u0), solver)
+    if method.recorder is not None:
+        method.recorder(sol)
+    if method.throw:
+        try:
+            sol.raise_for_status()
+        except SolverError as err:
+            raise SolverError(
+                f"ImplicitDiff: the adjoint solve u = J^T u + g did not converge ({err}). Raise the backward "
+                "solver's max_iter or tol, use Anderson, or check that f contracts at z*"
+            ) from None
+    elif method.recorder is None and solver.tol is not None and not sol.stats.all_converged:
+        logger.warning(
+            "ImplicitDiff: the adjoint solve did not converge (%s); gradients are approximate. Pass "
+            "recorder= to inspect, throw=True to raise, or raise the backward solver's max_iter",
+            sol.stats.summary(),
+        )
+    return sol.z * scale
 
 
 GRADIENTS: MappingProxyType[str, type[GradientMethod]] = MappingProxyType(
@@ -266,18 +447,47 @@ GRADIENTS: MappingProxyType[str, type[GradientMethod]] = MappingProxyType(
 """Read-only name -> gradient class table used by configs."""
 
 
+def _lookup(name: str) -> type[GradientMethod]:
+    if not isinstance(name, str):
+        raise TypeError(f"gradient method name must be a string, got {type(name).__name__}")
+    key = name.strip().lower()
+    if key not in GRADIENTS:
+        raise ValueError(f"unknown gradient method {name!r}; choose one of {sorted(GRADIENTS)}")
+    return GRADIENTS[key]
+
+
+def options(name: str) -> tuple[str, ...]:
+    """The option names a gradient method accepts, e.g. ``options("sjfb") == ("no_grad", "with_grad")``."""
+    return tuple(f.name for f in dataclasses.fields(_lookup(name)))  # type: ignore[arg-type]
+
+
 def get(name: str, **opts: Any) -> GradientMethod:
     """Build a gradient method by name: ``get("sjfb", no_grad=(0, 10), with_grad=(1, 12))``.
+
+    For ``"implicit"``, ``solver`` may also be a solver name or a mapping ``{"name": ..., **options}``, built
+    with :func:`deqgen.solvers.get`: ``get("implicit", solver={"name": "anderson", "tol": 1e-6})``.
 
     Raises:
         ValueError: unknown name or bad value. TypeError: an option the method does not have.
     """
-    key = str(name).strip().lower()
-    if key not in GRADIENTS:
-        raise ValueError(f"unknown gradient method {name!r}; choose one of {sorted(GRADIENTS)}")
-    cls = GRADIENTS[key]
-    valid = [f.name for f in dataclasses.fields(cls)]
+    cls = _lookup(name)
+    valid = options(name)
     unknown = sorted(set(opts) - set(valid))
     if unknown:
-        raise TypeError(f"gradient method {name!r} has no option(s) {unknown}; valid options: {valid}")
+        raise TypeError(f"gradient method {name!r} has no option(s) {unknown}; valid options: {list(valid)}")
+    if cls is ImplicitDiff and "solver" in opts:
+        opts["solver"] = _solver_from_config(opts["solver"])
     return cls(**opts)
+
+
+def _solver_from_config(spec: Any) -> Any:
+    if isinstance(spec, str):
+        return _solvers.get(spec)
+    if isinstance(spec, Mapping):
+        if "name" not in spec:
+            raise ValueError(
+                f"backward solver config {dict(spec)!r} needs a 'name' key, e.g. {{'name': 'anderson'}}"
+            )
+        rest = {k: v for k, v in spec.items() if k != "name"}
+        return _solvers.get(spec["name"], **rest)
+    return spec  # a Solver object, or something ImplicitDiff will reject with its own message

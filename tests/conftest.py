@@ -22,6 +22,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+# One thread for the whole suite: on a loaded 2-core machine multi-threaded kernels on tiny tensors (Anderson's
+# batched m x m Cholesky) cost milliseconds per call in thread start-up instead of microseconds.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -144,3 +144,31 @@ BENCHMARKS: dict[str, Callable[[torch.dtype], BankProblem]] = {
 
 def benchmark_problem(name: str, dtype: torch.dtype = torch.float32) -> BankProblem:
     return BENCHMARKS[name](dtype)
+
+
+def rowwise_tanh(
+    B: int = 6,
+    D: int = 16,
+    seed: int = 1005,
+    spread: tuple[float, float] = (0.3, 0.95),
+    dtype: torch.dtype = torch.float64,
+) -> BankProblem:
+    """``f(z)_b = tanh(c_b W_b z_b + x_b)``: every row has its own matrix (``||W_b||_2 = 1``) and contraction
+    rate ``c_b`` (spread evenly over ``spread``, shuffled), so rows need different iteration counts.
+
+    Built from per-row operations only (``bmm`` and elementwise ops), so a row's arithmetic is bitwise the
+    same whichever rows share its batch: the problem for batch-invariance and NaN-isolation tests. Like the
+    rest of the bank, ``f`` takes ``rows=``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(B, D, D, generator=g, dtype=torch.float64)
+    W = W / torch.linalg.matrix_norm(W, 2)[:, None, None]
+    c = torch.linspace(spread[0], spread[1], B, dtype=torch.float64)[torch.randperm(B, generator=g)]
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    Wc, cc, xc = W.to(dtype), c[:, None].to(dtype), x.to(dtype)
+
+    def f(z: Tensor, rows: Tensor | None = None) -> Tensor:
+        Wz = torch.bmm(_pick(Wc, rows), z.unsqueeze(-1)).squeeze(-1)
+        return torch.tanh(_pick(cc, rows) * Wz + _pick(xc, rows))
+
+    return BankProblem(f"rowwise_tanh{B}x{D}", f, torch.zeros(B, D, dtype=dtype), 200)

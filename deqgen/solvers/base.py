@@ -247,10 +247,12 @@ def _run(problem: FixedPointProblem, solver: Solver[Any], want_trace: bool) -> S
         if fixed:  # no test, no host sync: only non-finite rows are frozen
             rows.best_abs = torch.where(rows.live, res_abs, rows.best_abs)
             rows.best_rel = torch.where(rows.live, res_rel, rows.best_rel)
-            rows.live = rows.live & torch.isfinite(res)
+            rows.live = rows.live & torch.isfinite(res_abs)
         else:
             _track_best(rows, res, res_abs, res_rel, rel, masked)
-            running = res.nan_to_num(0.0, 0.0, 0.0) > solver.tol  # False once converged, NaN or Inf
+            # False once converged or f returned NaN/Inf. Finiteness is judged on the abs residual: the rel one
+            # is +inf for a finite f(z) = 0 (z != 0), which is no reason to stop.
+            running = (res > solver.tol) & torch.isfinite(res_abs)
             rows.live = (rows.live & running) if masked else running
             if (k + 1) % solver.check_every == 0 or k + 1 == solver.max_iter:
                 live_host = rows.live.cpu()  # the host check: the only synchronisation of the iteration
@@ -261,6 +263,8 @@ def _run(problem: FixedPointProblem, solver: Solver[Any], want_trace: bool) -> S
                     if done_host.numel() == n:
                         all_done = True
                         break
+                    if z_full is not None:  # f sees all B rows: the frozen ones keep their last values
+                        z_full.index_copy_(0, rows.orig[done], rows.z[done])
                     keep = live_host.nonzero().squeeze(1).to(dev, non_blocking=True)
                     rows = rows.take(keep)
                     fz, g, res_abs = fz[keep], g[keep], res_abs[keep]

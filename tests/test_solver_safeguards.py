@@ -1,0 +1,136 @@
+"""Solver safeguards driven step by step, overflow handling, and CUDA checks (skipped without a GPU).
+
+The main solver suite is ``tests/test_solvers.py``; this file holds what it does not cover."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import math
+
+import pytest
+import torch
+
+from deqgen import Anderson, Broyden, FixedPointProblem, Picard, Status, fixed_point
+from tests.problems import mixed, tanh_mlp
+
+SOLVERS = [Picard, Anderson, Broyden]
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("stop_mode", ["abs", "rel"])
+def test_divergent_row_does_not_stall_the_batch(stop_mode: str) -> None:
+    def f(z, rows=None):
+        scale = torch.tensor([0.5, 3.0, 0.5])[slice(None) if rows is None else rows]
+        return scale[:, None] * z + 1.0  # row 1 overflows to +inf after ~650 steps
+
+    solver = Picard(tol=1e-10, max_iter=2000, stop_mode=stop_mode)
+    sol = fixed_point(f, torch.zeros(3, 4, dtype=F64), solver, separable=True)
+    assert sol.stats.status.tolist() == [Status.CONVERGED, Status.NON_FINITE, Status.CONVERGED]
+    assert sol.stats.nfe[0] < 50 and torch.isfinite(sol.z).all()
+    # row 1 stops at the first evaluation whose residual is not finite (manual Picard, same arithmetic)
+    z, k = torch.zeros(1, 4, dtype=F64), 0
+    while True:
+        fz = 3.0 * z + 1.0
+        g = torch.linalg.vector_norm(fz - z)
+        r = g / torch.linalg.vector_norm(fz) if stop_mode == "rel" else g
+        if not torch.isfinite(r):
+            break
+        z, k = fz, k + 1
+    assert int(sol.stats.nfe[1]) == k + 1 < 2000
+    assert torch.allclose(sol.z[0], torch.full((4,), 2.0, dtype=F64), atol=1e-9)
+
+
+
+def test_solve_does_not_track_gradients() -> None:
+    w = torch.tensor(0.5, requires_grad=True)
+    sol = fixed_point(lambda z: w * z + 1, torch.zeros(2, 2), Anderson(tol=1e-6))
+    assert not sol.z.requires_grad
+
+
+
+def _drive(solver, zs: list[torch.Tensor], gs: list[torch.Tensor]):
+    """Feed a solver a scripted sequence of (z, g) pairs; returns the list of proposed next iterates and the state."""
+    state = solver.init(zs[0])
+    outs = []
+    for z, g in zip(zs, gs):
+        z_next, state = solver.step(state, z, z + g, g, torch.linalg.vector_norm(g, dim=1))
+        outs.append(z_next)
+    return outs, state
+
+
+
+@pytest.mark.parametrize("cls", [Anderson, Broyden])
+def test_rejected_step_returns_to_previous_iterate(cls) -> None:
+    g = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(2, 6, generator=g, dtype=F64), torch.randn(2, 6, generator=g, dtype=F64)
+    g0, g1 = torch.randn(2, 6, generator=g, dtype=F64), 0.5 * torch.randn(2, 6, generator=g, dtype=F64)
+    outs, st = _drive(cls(reject_ratio=2.0), [z0, z1], [g0, g1])
+    assert bool(st.accelerated.all())  # the step from z1 used the history
+    z2 = outs[-1]
+    # row 0: residual 100x larger at z2 -> rejected; row 1: smaller -> accepted
+    g2 = torch.stack([100 * g1[0], 0.1 * g1[1]])
+    z3, st3 = cls(reject_ratio=2.0).step(st, z2, z2 + g2, g2, torch.linalg.vector_norm(g2, dim=1))
+    step_size = 1.0
+    assert torch.allclose(z3[0], z1[0] + step_size * g1[0], rtol=0, atol=1e-14)  # plain step from z1
+    assert not bool(st3.valid[0].any()) and not bool(st3.accelerated[0])  # history cleared
+    assert bool(st3.valid[1].any())
+    assert torch.equal(st3.x_prev[0], z1[0]) and torch.equal(st3.x_prev[1], z2[1])
+
+
+
+def test_anderson_restarts_on_ill_conditioned_history() -> None:
+    # residual differences that are (nearly) parallel make the Gram matrix singular -> restart
+    d = torch.randn(1, 8, dtype=F64)
+    zs = [torch.zeros(1, 8, dtype=F64) + 0.1 * k * d for k in range(3)]
+    gs = [d * (1.0 - 0.1 * k) + 1e-13 * k**2 for k in range(3)]
+    solver = Anderson(m=5, restart_cond=1e6, reject_ratio=math.inf)
+    outs, st = _drive(solver, zs[:2], gs[:2])
+    assert bool(st.valid.any())  # one difference: well conditioned, kept
+    outs, st = _drive(solver, zs, gs)
+    assert not bool(st.valid.any())  # the second, parallel difference: restart
+    assert torch.allclose(outs[-1], zs[-1] + gs[-1], rtol=0, atol=1e-14)  # the plain step
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", SOLVERS)
+def test_cuda_fixed_budget_makes_no_host_sync(cls) -> None:
+    bp = tanh_mlp(B=4, D=32, dtype=torch.float32)
+    z0 = bp.z0.cuda()
+    W = torch.randn(32, 32, device="cuda") * 0.1
+    fixed_point(lambda z: torch.tanh(z @ W), z0, cls(tol=None, max_iter=3))  # warm-up (allocations, kernels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sol = fixed_point(lambda z: torch.tanh(z @ W), z0, cls(tol=None, max_iter=10))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sol.z.is_cuda and bool((sol.stats.status == Status.BUDGET).all())
+
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cls", SOLVERS)
+def test_cuda_matches_cpu(cls) -> None:
+    bp = mixed(B=6, D=24)
+    cpu = fixed_point(bp.f, bp.z0, cls(tol=1e-10, max_iter=300), separable=True)
+    f_cuda = mixed(B=6, D=24)
+
+    def f(z, rows=None):
+        return f_cuda.f(z.cpu(), rows=None if rows is None else rows.cpu()).cuda()
+
+    gpu = fixed_point(f, bp.z0.cuda(), cls(tol=1e-10, max_iter=300), separable=True)
+    assert torch.equal(gpu.stats.nfe.cpu(), cpu.stats.nfe) and (gpu.z.cpu() - cpu.z).abs().max() < 1e-9
+
+
+
+def test_separable_problem_needs_tensor_injection() -> None:
+    with pytest.raises(TypeError, match="x must be a batched tensor"):
+        FixedPointProblem(lambda z, x, rows=None: z, torch.zeros(2, 3), x=(1, 2), separable=True)
+
+
+@pytest.mark.parametrize("module", ["deqgen.layer", "deqgen.gradients"])
+def test_doctests_outside_solvers(module: str) -> None:
+    result = doctest.testmod(importlib.import_module(module), verbose=False)
+    assert result.failed == 0

@@ -27,13 +27,13 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from deqgen import solvers as _solvers
+from deqgen._registry import Registry
 from deqgen.problem import FixedPointProblem
 from deqgen.solvers.anderson import Anderson
 from deqgen.solvers.base import Solver, run
@@ -441,24 +441,17 @@ def _solve_adjoint(fz: Tensor, z_star: Tensor, grad: Tensor, method: ImplicitDif
     return sol.z * scale
 
 
-GRADIENTS: MappingProxyType[str, type[GradientMethod]] = MappingProxyType(
-    {"unrolled": Unrolled, "jfb": JFB, "sjfb": SJFB, "phantom": Phantom, "implicit": ImplicitDiff}
+_REGISTRY: Registry[GradientMethod] = Registry(
+    "gradient method",
+    {"unrolled": Unrolled, "jfb": JFB, "sjfb": SJFB, "phantom": Phantom, "implicit": ImplicitDiff},
 )
+GRADIENTS = _REGISTRY.table
 """Read-only name -> gradient class table used by configs."""
-
-
-def _lookup(name: str) -> type[GradientMethod]:
-    if not isinstance(name, str):
-        raise TypeError(f"gradient method name must be a string, got {type(name).__name__}")
-    key = name.strip().lower()
-    if key not in GRADIENTS:
-        raise ValueError(f"unknown gradient method {name!r}; choose one of {sorted(GRADIENTS)}")
-    return GRADIENTS[key]
 
 
 def options(name: str) -> tuple[str, ...]:
     """The option names a gradient method accepts, e.g. ``options("sjfb") == ("no_grad", "with_grad")``."""
-    return tuple(f.name for f in dataclasses.fields(_lookup(name)))  # type: ignore[arg-type]
+    return _REGISTRY.options(name)
 
 
 def get(name: str, **opts: Any) -> GradientMethod:
@@ -470,11 +463,7 @@ def get(name: str, **opts: Any) -> GradientMethod:
     Raises:
         ValueError: unknown name or bad value. TypeError: an option the method does not have.
     """
-    cls = _lookup(name)
-    valid = options(name)
-    unknown = sorted(set(opts) - set(valid))
-    if unknown:
-        raise TypeError(f"gradient method {name!r} has no option(s) {unknown}; valid options: {list(valid)}")
+    cls = _REGISTRY.check_options(name, opts)
     if cls is ImplicitDiff and "solver" in opts:
         opts["solver"] = _solver_from_config(opts["solver"])
     return cls(**opts)

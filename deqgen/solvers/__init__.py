@@ -5,9 +5,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-from types import MappingProxyType
 from typing import Any
+
+from deqgen._registry import Registry
 
 from deqgen.solvers.anderson import Anderson, AndersonState
 from deqgen.solvers.base import Solver, run, take_rows
@@ -28,24 +28,14 @@ __all__ = [
     "take_rows",
 ]
 
-SOLVERS: MappingProxyType[str, type[Solver[Any]]] = MappingProxyType(
-    {"picard": Picard, "anderson": Anderson, "broyden": Broyden}
-)
+_REGISTRY: Registry[Solver[Any]] = Registry("solver", {"picard": Picard, "anderson": Anderson, "broyden": Broyden})
+SOLVERS = _REGISTRY.table
 """Read-only name -> solver class table used by configs."""
 
 
 def options(name: str) -> tuple[str, ...]:
     """The option names a solver accepts, e.g. ``options("anderson")``."""
-    return tuple(f.name for f in dataclasses.fields(_lookup(name)))
-
-
-def _lookup(name: str) -> type[Solver[Any]]:
-    if not isinstance(name, str):
-        raise TypeError(f"solver name must be a string, got {type(name).__name__}")
-    key = name.strip().lower()
-    if key not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}")
-    return SOLVERS[key]
+    return _REGISTRY.options(name)
 
 
 def get(name: str, **opts: Any) -> Solver[Any]:
@@ -55,9 +45,4 @@ def get(name: str, **opts: Any) -> Solver[Any]:
         ValueError: unknown solver name, or a bad option value (the message names the option).
         TypeError: an option the solver does not have (the message lists the valid ones).
     """
-    cls = _lookup(name)
-    valid = options(name)
-    unknown = sorted(set(opts) - set(valid))
-    if unknown:
-        raise TypeError(f"solver {name!r} has no option(s) {unknown}; valid options: {list(valid)}")
-    return cls(**opts)
+    return _REGISTRY.check_options(name, opts)(**opts)

@@ -11,7 +11,6 @@ import doctest
 import importlib
 import logging
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -373,17 +372,13 @@ def test_implicit_diff_same_module_twice_per_step_is_fast_and_exact() -> None:
     )
     grads: dict[str, Tensor] = {}
 
-    def step() -> (
-        None
-    ):  # weight-tied reuse, like a VIAR implicit block at every scale: the 2nd call uses the 1st
+    def step() -> None:  # weight-tied reuse, like a VIAR implicit block at every scale: the 2nd uses the 1st
         z1, _ = layer(x, z0)
         z2, _ = layer(x + 0.5 * z1, z0)
         (z1.sum() + 2 * z2.square().sum()).backward()
         grads.update({n: p.grad.clone() for n, p in cell.named_parameters()})
 
-    start = time.perf_counter()
-    _in_thread(step, timeout=30.0)
-    assert time.perf_counter() - start < 30.0
+    _in_thread(step, timeout=30.0)  # a liveness guard, not a speed test: torchdeq's hook version hangs here
     assert len(rec.solutions) == 2 and rec.all_converged
     assert all(int(s.stats.nfe.max()) <= 60 for s in rec.solutions)
     cell.zero_grad()  # reference: the same two-call graph, differentiated through 200-step unrolls

@@ -1,4 +1,5 @@
-"""A short solver demo: ``python -m deqgen.demo`` prints a table (the README's main job until the CPU recipe lands).
+"""A short solver demo: ``python -m recipes.solver_demo`` prints a table (the README's main job until the CPU
+recipe lands).
 
 It solves three batched fixed-point problems with Picard, Anderson and Broyden and reports, per solver, the
 status counts, the per-sample NFE range, the effective NFE of the batch (rows evaluated / B; below the
@@ -45,7 +46,7 @@ def _problems(gen: torch.Generator, dtype: torch.dtype) -> dict[str, tuple[Calla
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m deqgen.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m recipes.solver_demo", description=__doc__)
     parser.add_argument("--tol", type=float, default=1e-6, help="relative residual tolerance (default 1e-6)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

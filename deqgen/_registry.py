@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
@@ -13,11 +13,12 @@ __all__ = ["Registry"]
 
 
 class Registry(Generic[T]):
-    """Names of frozen-dataclass classes of one ``kind`` ("solver", "gradient method"), case-insensitive."""
+    """Frozen-dataclass classes of one ``kind`` ("solver", "gradient method") under their ``name`` class
+    attribute, looked up case-insensitively: the class attribute is the one source of each config name."""
 
-    def __init__(self, kind: str, table: Mapping[str, type[T]]) -> None:
+    def __init__(self, kind: str, classes: Iterable[type[T]]) -> None:
         self.kind = kind
-        self.table: Mapping[str, type[T]] = MappingProxyType(dict(table))
+        self.table: Mapping[str, type[T]] = MappingProxyType({c.name: c for c in classes})  # type: ignore[attr-defined]
 
     def lookup(self, name: str) -> type[T]:
         """The class registered as ``name``; ValueError listing the choices otherwise."""

@@ -36,7 +36,7 @@ from deqgen import solvers as _solvers
 from deqgen._registry import Registry
 from deqgen.problem import FixedPointProblem
 from deqgen.solvers.anderson import Anderson
-from deqgen.solvers.base import Solver, run
+from deqgen.solvers.base import Solver, check_int, run
 from deqgen.stats import Solution, SolverError
 
 __all__ = [
@@ -124,13 +124,6 @@ def _tracked_steps(step: Step, z: Tensor, k_start: int, k: int, damping: float =
     return z
 
 
-def _check_int(cls: str, field: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{cls} got {field}={value!r}; use an integer >= {low}")
-    if value < low:
-        raise ValueError(f"{cls} got {field}={value!r}; use an integer >= {low}")
-
-
 @dataclasses.dataclass(frozen=True)
 class Unrolled(GradientMethod):
     """Plain backprop through ``k`` recorded steps from ``z0`` (iterations ``0 .. k-1``): the exact gradient
@@ -147,7 +140,7 @@ class Unrolled(GradientMethod):
     name: ClassVar[str] = "unrolled"
 
     def __post_init__(self) -> None:
-        _check_int("Unrolled", "k", self.k, 1)
+        check_int("Unrolled", "k", self.k, 1)
 
     def attach(
         self, step: Step, z0: Tensor, solver: Solver[Any], generator: torch.Generator | None = None
@@ -173,7 +166,7 @@ class JFB(GradientMethod):
     name: ClassVar[str] = "jfb"
 
     def __post_init__(self) -> None:
-        _check_int("JFB", "k", self.k, 1)
+        check_int("JFB", "k", self.k, 1)
 
     def attach(
         self, step: Step, z0: Tensor, solver: Solver[Any], generator: torch.Generator | None = None
@@ -261,7 +254,7 @@ class Phantom(GradientMethod):
     name: ClassVar[str] = "phantom"
 
     def __post_init__(self) -> None:
-        _check_int("Phantom", "k", self.k, 1)
+        check_int("Phantom", "k", self.k, 1)
         if (
             isinstance(self.damping, bool)
             or not isinstance(self.damping, (int, float))
@@ -442,8 +435,7 @@ def _solve_adjoint(fz: Tensor, z_star: Tensor, grad: Tensor, method: ImplicitDif
 
 
 _REGISTRY: Registry[GradientMethod] = Registry(
-    "gradient method",
-    {"unrolled": Unrolled, "jfb": JFB, "sjfb": SJFB, "phantom": Phantom, "implicit": ImplicitDiff},
+    "gradient method", (Unrolled, JFB, SJFB, Phantom, ImplicitDiff)
 )
 GRADIENTS = _REGISTRY.table
 """Read-only name -> gradient class table used by configs."""

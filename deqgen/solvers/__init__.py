@@ -28,7 +28,7 @@ __all__ = [
     "take_rows",
 ]
 
-_REGISTRY: Registry[Solver[Any]] = Registry("solver", {"picard": Picard, "anderson": Anderson, "broyden": Broyden})
+_REGISTRY: Registry[Solver[Any]] = Registry("solver", (Picard, Anderson, Broyden))
 SOLVERS = _REGISTRY.table
 """Read-only name -> solver class table used by configs."""
 

@@ -67,8 +67,8 @@ class Solver(ABC, Generic[StateT]):
             raise ValueError(f"{cls} got stop_mode={self.stop_mode!r}; use 'abs' or 'rel'")
         if self.norm not in ("l2", "inf"):
             raise ValueError(f"{cls} got norm={self.norm!r}; use 'l2' or 'inf'")
-        _check_int(cls, "max_iter", self.max_iter, 1)
-        _check_int(cls, "check_every", self.check_every, 1)
+        check_int(cls, "max_iter", self.max_iter, 1)
+        check_int(cls, "check_every", self.check_every, 1)
 
     @abstractmethod
     def init(self, z: Tensor) -> StateT:
@@ -94,7 +94,8 @@ class Solver(ABC, Generic[StateT]):
         """
 
 
-def _check_int(cls: str, field: str, value: Any, low: int) -> None:
+def check_int(cls: str, field: str, value: Any, low: int) -> None:
+    """Raise naming ``cls.field`` unless ``value`` is an int (not a bool) ``>= low``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{cls} got {field}={value!r}; use an integer >= {low}")
     if value < low:

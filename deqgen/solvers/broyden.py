@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from deqgen.solvers.base import Solver, combine, known_false, rowdot
+from deqgen.solvers.base import Solver, check_int, combine, known_false, rowdot
 from deqgen.solvers.base import cast_to as _out
 
 __all__ = ["Broyden", "BroydenState"]
@@ -82,8 +82,7 @@ class Broyden(Solver[BroydenState]):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
-            raise ValueError(f"Broyden got memory={self.memory!r}; use an integer >= 1")
+        check_int("Broyden", "memory", self.memory, 1)
         if not (isinstance(self.step_size, (int, float)) and 0.0 < self.step_size <= 1.0):
             raise ValueError(f"Broyden got step_size={self.step_size!r}; use 0 < step_size <= 1")
         if not (isinstance(self.reject_ratio, (int, float)) and self.reject_ratio >= 1):
@@ -99,7 +98,7 @@ class Broyden(Solver[BroydenState]):
             valid=torch.zeros(B, self.memory, dtype=torch.bool, device=dev),
             x_prev=torch.zeros(B, D, dtype=wd, device=dev),
             g_prev=torch.zeros(B, D, dtype=wd, device=dev),
-            res_prev=torch.zeros(B, dtype=torch.float64, device=dev),
+            res_prev=torch.zeros(B, dtype=wd, device=dev),
             Jg_prev=torch.zeros(B, D, dtype=wd, device=dev),
             accelerated=torch.zeros(B, dtype=torch.bool, device=dev),
         )
@@ -107,7 +106,7 @@ class Broyden(Solver[BroydenState]):
     def step(self, state: BroydenState, z: Tensor, fz: Tensor, g: Tensor, res: Tensor) -> tuple[Tensor, BroydenState]:
         s = state
         wd = s.U.dtype
-        x, gw, res = z.to(wd), g.to(wd), res.to(torch.float64)
+        x, gw = _out(z, wd), _out(g, wd)
         a = self.step_size
         if s.k == 0:
             nxt = dataclasses.replace(s, x_prev=x, g_prev=gw, res_prev=res, Jg_prev=-gw, k=1)

@@ -1,0 +1,401 @@
+"""Official VAR / VIAR / VQVAE checkpoints -> deqgen (safetensors + JSON config), and back.
+
+What is accepted:
+
+* a bare state dict (``vae_ch160v4096z32.pth``, ``var_d30.pth``, the released ``viar.pth``), or a training
+  checkpoint that holds one under ``["trainer"]["var_wo_ddp"]``, ``["trainer"]["vae_local"]``,
+  ``["state_dict"]``, ``["model"]`` or ``["module"]`` (a ``module.`` prefix from DDP is stripped);
+* read with ``torch.load(..., weights_only=True)`` only: a pickle holding anything but tensors and plain
+  containers is refused with an error naming the file;
+* the transformer kind is read from the keys (``blocks.*`` -> VAR, ``implicit_block.*`` -> VIAR) and its
+  sizes from the shapes; ``patch_nums`` cannot be read from shapes alone and defaults to the 256-px pyramid
+  when the sequence length is 680 (otherwise pass it).
+
+Key map (everything else keeps its name): ``blocks.i.`` -> ``trunk.blocks.i.``, ``pre_blocks.i.`` ->
+``trunk.pre_blocks.i.``, ``post_blocks.i.`` -> ``trunk.post_blocks.i.``, ``implicit_block.`` ->
+``trunk.implicit.f.block.``, ``implicit_block_projection.{0,2}.`` -> ``trunk.implicit.f.projection.net.{0,2}.``,
+``shared_ada_lin.1.`` -> ``shared_ada_lin.ada_lin.1.``. Dropped, because deqgen rebuilds them: the buffers
+``lvl_1L``, ``attn_bias_for_masking`` and ``*.attn.zero_k_bias`` (checked to hold zeros). The VQVAE's names are
+deqgen's names. Every tensor's shape is checked against a model built from the inferred config; missing,
+unexpected and mis-shaped keys are all listed by name, and nothing is written when any is found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from deqgen.models.viar.config import PATCH_NUMS_256, ImplicitSpec, TransformerConfig
+from deqgen.models.viar.model import NextScaleTransformer, build_model
+
+__all__ = [
+    "CheckpointError",
+    "read_official",
+    "official_to_deqgen_key",
+    "deqgen_to_official_key",
+    "infer_transformer_config",
+    "convert_transformer",
+    "convert_vqvae",
+    "to_official_transformer",
+    "save_converted",
+    "load_converted",
+    "convert_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["auto", "var", "viar", "vqvae"]
+
+# (official pattern, deqgen replacement); applied in order, first match wins.
+_TO_DEQGEN: tuple[tuple[str, str], ...] = (
+    (r"^blocks\.(\d+)\.", r"trunk.blocks.\1."),
+    (r"^pre_blocks\.(\d+)\.", r"trunk.pre_blocks.\1."),
+    (r"^post_blocks\.(\d+)\.", r"trunk.post_blocks.\1."),
+    (r"^implicit_block_projection\.(\d+)\.", r"trunk.implicit.f.projection.net.\1."),
+    (r"^implicit_block\.", r"trunk.implicit.f.block."),
+    (r"^shared_ada_lin\.1\.", r"shared_ada_lin.ada_lin.1."),
+)
+_TO_OFFICIAL: tuple[tuple[str, str], ...] = (
+    (r"^trunk\.blocks\.(\d+)\.", r"blocks.\1."),
+    (r"^trunk\.pre_blocks\.(\d+)\.", r"pre_blocks.\1."),
+    (r"^trunk\.post_blocks\.(\d+)\.", r"post_blocks.\1."),
+    (r"^trunk\.implicit\.f\.projection\.net\.(\d+)\.", r"implicit_block_projection.\1."),
+    (r"^trunk\.implicit\.f\.block\.", r"implicit_block."),
+    (r"^shared_ada_lin\.ada_lin\.1\.", r"shared_ada_lin.1."),
+)
+# Buffers the official model stores and deqgen rebuilds.
+_DROPPED = re.compile(r"^(lvl_1L|attn_bias_for_masking)$|\.attn\.zero_k_bias$")
+_WRAPPERS = (("trainer", "var_wo_ddp"), ("trainer", "vae_local"), ("state_dict",), ("model",), ("module",))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not match the model; the message names the file and keys."""
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+
+
+def read_official(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Load an official ``.pth`` with ``torch.load(weights_only=True)`` and return its tensor state dict.
+
+    Raises:
+        CheckpointError: missing file, a pickle with non-tensor objects, or no state dict inside.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint file not found: {p}")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for arbitrary objects, RuntimeError for a torn zip
+        raise CheckpointError(
+            f"{p}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {str(e)[:300]}); "
+            "deqgen only reads tensors and plain containers, never arbitrary pickled objects"
+        ) from None
+    sd = _unwrap(obj, p)
+    bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(f"{p}: entries that are not tensors: {bad[:10]}")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _unwrap(obj: Any, p: Path) -> dict[str, Tensor]:
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return dict(obj)
+    if isinstance(obj, Mapping):
+        for path in _WRAPPERS:
+            cur: Any = obj
+            for key in path:
+                cur = cur.get(key) if isinstance(cur, Mapping) else None
+            if isinstance(cur, Mapping) and cur:
+                return _unwrap(cur, p)
+    raise CheckpointError(
+        f"{p}: no state dict found (expected a dict of tensors, or one under "
+        f"{', '.join('/'.join(w) for w in _WRAPPERS)}); top-level keys: "
+        f"{list(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__}"
+    )
+
+
+# ---- key maps --------------------------------------------------------------------------------------------
+
+
+def _rename(key: str, rules: tuple[tuple[str, str], ...]) -> str:
+    for pat, rep in rules:
+        new, n = re.subn(pat, rep, key)
+        if n:
+            return new
+    return key
+
+
+def official_to_deqgen_key(key: str) -> str | None:
+    """deqgen name of an official transformer key, or ``None`` for a buffer deqgen rebuilds."""
+    return None if _DROPPED.search(key) else _rename(key, _TO_DEQGEN)
+
+
+def deqgen_to_official_key(key: str) -> str:
+    """Official name of a deqgen transformer key."""
+    return _rename(key, _TO_OFFICIAL)
+
+
+# ---- transformer -----------------------------------------------------------------------------------------
+
+
+def _count(sd: Mapping[str, Tensor], prefix: str) -> int:
+    idx = {int(m.group(1)) for k in sd if (m := re.match(rf"^{re.escape(prefix)}\.(\d+)\.", k))}
+    return max(idx) + 1 if idx else 0
+
+
+def _need(sd: Mapping[str, Tensor], key: str, src: str) -> Tensor:
+    if key not in sd:
+        raise CheckpointError(f"{src}: missing key {key!r}, needed to read the model's sizes")
+    return sd[key]
+
+
+def infer_transformer_config(
+    sd: Mapping[str, Tensor], *, patch_nums: tuple[int, ...] | None = None, src: str = "state dict"
+) -> TransformerConfig:
+    """Read a :class:`TransformerConfig` from an official VAR / VIAR state dict's keys and shapes.
+
+    The nominal depth (which sets drop-path rates and init, not shapes) is ``C / 64`` as in the official
+    sizing. ``patch_nums`` defaults to the 256-px pyramid when the sequence length is 680.
+    """
+    n_cls, C = _need(sd, "class_emb.weight", src).shape
+    L = _need(sd, "pos_1LC", src).shape[1]
+    K = _need(sd, "lvl_embed.weight", src).shape[0]
+    V = _need(sd, "head.weight", src).shape[0]
+    Cv = _need(sd, "word_embed.weight", src).shape[1]
+    if patch_nums is None:
+        if L != sum(p * p for p in PATCH_NUMS_256) or K != len(PATCH_NUMS_256):
+            raise CheckpointError(
+                f"{src}: sequence length {L} over {K} scales is not the 256-px pyramid; pass patch_nums"
+            )
+        patch_nums = PATCH_NUMS_256
+    if sum(p * p for p in patch_nums) != L or len(patch_nums) != K:
+        raise CheckpointError(f"{src}: patch_nums {patch_nums} give L={sum(p * p for p in patch_nums)} "
+                              f"over {len(patch_nums)} scales, but the checkpoint has L={L} over {K}")
+    scale_keys = [k for k in sd if k.endswith("attn.scale_mul_1H11")]
+    heads = sd[scale_keys[0]].shape[1] if scale_keys else max(C // 64, 1)
+    fc1 = [k for k in sd if k.endswith("ffn.fc1.weight")]
+    mlp_ratio = sd[fc1[0]].shape[0] / C if fc1 else 4.0
+    common = dict(
+        embed_dim=C, num_heads=heads, mlp_ratio=mlp_ratio, patch_nums=tuple(patch_nums), vocab_size=V,
+        z_channels=Cv, num_classes=n_cls - 1, attn_l2_norm=bool(scale_keys),
+        shared_aln=any(k.startswith("shared_ada_lin.") for k in sd),
+    )
+    depth_c = max(C // 64, 1)
+    if any(k.startswith("implicit_block.") for k in sd):
+        pre, post = _count(sd, "pre_blocks"), _count(sd, "post_blocks")
+        depth = max(depth_c, pre + post + 1)
+        return TransformerConfig(depth=depth, implicit=ImplicitSpec(pre_depth=pre, post_depth=post), **common)
+    depth = _count(sd, "blocks")
+    if depth == 0:
+        raise CheckpointError(f"{src}: neither 'blocks.*' (VAR) nor 'implicit_block.*' (VIAR) keys found")
+    return TransformerConfig(depth=depth, **common)  # type: ignore[arg-type]
+
+
+def _check_against(model: nn.Module, sd: Mapping[str, Tensor], src: str, hint: str = "") -> None:
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(set(sd) - set(want))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {want[k]}"
+              for k in sorted(set(want) & set(sd)) if tuple(sd[k].shape) != want[k]]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing[:20]}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:20]}")
+        if shapes:
+            parts.append(f"shape mismatches ({len(shapes)}): {shapes[:20]}")
+        raise CheckpointError(f"{src} does not match the model{hint}: " + "; ".join(parts))
+
+
+def convert_transformer(
+    sd: Mapping[str, Tensor],
+    cfg: TransformerConfig | None = None,
+    *,
+    patch_nums: tuple[int, ...] | None = None,
+    src: str = "state dict",
+) -> tuple[dict[str, Tensor], TransformerConfig]:
+    """Official VAR / VIAR state dict -> ``(deqgen state dict, config)``, fully checked.
+
+    Raises:
+        CheckpointError: missing / unexpected / mis-shaped keys (all listed), or a non-zero dropped buffer.
+    """
+    cfg = cfg or infer_transformer_config(sd, patch_nums=patch_nums, src=src)
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        new = official_to_deqgen_key(k)
+        if new is None:
+            if k.endswith("zero_k_bias") and bool(v.any()):
+                raise CheckpointError(f"{src}: {k} should hold zeros (a constant of the official model)")
+            continue
+        out[new] = v
+    with torch.device("meta"):
+        ref = build_model(cfg, init=False)
+    _check_against(ref, out, src, f" built from {cfg}")
+    return out, cfg
+
+
+def to_official_transformer(model: NextScaleTransformer) -> dict[str, Tensor]:
+    """deqgen model -> official-layout state dict (the official buffers included), e.g. for golden tests."""
+    sd = {deqgen_to_official_key(k): v.detach().clone() for k, v in model.state_dict().items()}
+    if any("parametrizations" in k for k in sd):
+        raise CheckpointError("a weight-normalised model has no official layout; remove weight_norm first")
+    cfg = model.cfg
+    sd["lvl_1L"] = model.lvl_1L.clone()
+    sd["attn_bias_for_masking"] = model.attn_bias[None, None].clone()
+    for k in [k for k in sd if k.endswith("attn.q_bias")]:
+        sd[k.replace("q_bias", "zero_k_bias")] = torch.zeros(cfg.width, dtype=sd[k].dtype)
+    return sd
+
+
+# ---- VQVAE -----------------------------------------------------------------------------------------------
+
+
+def convert_vqvae(
+    sd: Mapping[str, Tensor], cfg: Any = None, *, patch_nums: tuple[int, ...] | None = None,
+    src: str = "state dict",
+) -> tuple[dict[str, Tensor], Any]:
+    """Official VQVAE state dict -> ``(deqgen state dict, VQVAEConfig)``. Only the official
+    ``vae_ch160v4096z32`` layout (and configs given explicitly) are recognised."""
+    from deqgen.models.viar.vqvae import VQVAE_PRESETS, MultiScaleVQVAE
+
+    if cfg is None:
+        cfg = VQVAE_PRESETS["vae_ch160v4096z32"]
+        if patch_nums is not None:
+            cfg = dataclasses.replace(cfg, patch_nums=tuple(patch_nums))
+    with torch.device("meta"):
+        ref = MultiScaleVQVAE(cfg)
+    want = ref.state_dict()
+    out = {k: v for k, v in sd.items() if k in want or k != "quantize.ema_vocab_hit_SV"}
+    if "quantize.ema_vocab_hit_SV" in want and "quantize.ema_vocab_hit_SV" in out:
+        if tuple(out["quantize.ema_vocab_hit_SV"].shape) != tuple(want["quantize.ema_vocab_hit_SV"].shape):
+            out["quantize.ema_vocab_hit_SV"] = torch.zeros(want["quantize.ema_vocab_hit_SV"].shape)
+    _check_against(ref, out, src, " (vae_ch160v4096z32 layout)")
+    return out, cfg
+
+
+# ---- writing and loading ---------------------------------------------------------------------------------
+
+
+def _config_to_json(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+
+
+def save_converted(dst: str | os.PathLike[str], state_dict: Mapping[str, Tensor], kind: str, cfg: Any) -> Path:
+    """Write ``dst/model.safetensors`` and ``dst/config.json`` atomically (a temp dir renamed into place).
+
+    An existing ``dst`` is replaced only after the new one is complete.
+    """
+    from safetensors.torch import save_file
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"kind": kind})
+        (tmp / "config.json").write_text(json.dumps({"kind": kind, "config": _config_to_json(cfg)}, indent=2))
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote %s (%s, %d tensors)", dst, kind, len(state_dict))
+    return dst
+
+
+def load_converted(src: str | os.PathLike[str], **build_kw: Any) -> nn.Module:
+    """Build the model described by ``src/config.json`` and load ``src/model.safetensors`` strictly.
+
+    Needs no official code and no network. ``build_kw`` goes to :func:`~deqgen.models.viar.model.build_model`
+    for transformers (e.g. ``eval_solver=``, ``attention_backend=``).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    src = Path(src)
+    try:
+        meta = json.loads((src / "config.json").read_text())
+        kind, raw = meta["kind"], meta["config"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{src / 'config.json'}: unreadable ({e}); convert the checkpoint again") from None
+    try:
+        sd = load_file(str(src / "model.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{src / 'model.safetensors'}: unreadable ({e})") from None
+    model: nn.Module
+    if kind in ("var", "viar"):
+        raw = _tuples(raw)
+        model = build_model(TransformerConfig(**raw), init=False, **build_kw)
+    elif kind == "vqvae":
+        from deqgen.models.viar.vqvae import MultiScaleVQVAE, VQVAEConfig
+
+        model = MultiScaleVQVAE(VQVAEConfig(**_tuples(raw)))
+    else:
+        raise CheckpointError(f"{src}: unknown kind {kind!r} (expected var, viar or vqvae)")
+    _check_against(model, sd, str(src / "model.safetensors"))
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def _detect(sd: Mapping[str, Tensor]) -> str:
+    if any(k.startswith("implicit_block.") for k in sd):
+        return "viar"
+    if any(k.startswith("blocks.") for k in sd):
+        return "var"
+    if any(k.startswith("encoder.") for k in sd) and any(k.startswith("quantize.") for k in sd):
+        return "vqvae"
+    raise CheckpointError(f"cannot tell the model kind from the keys (first keys: {list(sd)[:8]})")
+
+
+def convert_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    kind: Kind = "auto",
+    patch_nums: tuple[int, ...] | None = None,
+) -> Path:
+    """Read an official ``.pth`` and write a deqgen checkpoint directory (see the module docstring).
+
+    Args:
+        src: the official file (``vae_ch160v4096z32.pth``, ``var_d30.pth``, ``viar.pth``, ``ar-ckpt-*.pth``).
+        dst: output directory (``model.safetensors`` + ``config.json``), written atomically.
+        kind: ``"auto"`` reads it from the keys.
+        patch_nums: the token pyramid, if not the 256-px one.
+
+    Returns:
+        ``dst``. Nothing is written when the checkpoint does not match.
+    """
+    sd = read_official(src)
+    detected = _detect(sd)
+    if kind != "auto" and kind != detected:
+        raise CheckpointError(f"{src}: asked for kind={kind!r} but the keys say {detected!r}")
+    if detected == "vqvae":
+        out, cfg = convert_vqvae(sd, patch_nums=patch_nums, src=str(src))
+    else:
+        out, cfg = convert_transformer(sd, patch_nums=patch_nums, src=str(src))
+    return save_converted(dst, out, detected, cfg)

@@ -150,3 +150,29 @@ def test_a_truncated_converted_file_gives_a_clear_error(tmp_path: Path) -> None:
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"model\.safetensors: unreadable"):
         load_converted(out)
+
+
+FIXTURE = Path(__file__).resolve().parents[1] / "data" / "var_vqvae_tiny.pt"
+
+
+def test_official_tiny_vqvae_converts_and_reproduces_its_tokens(tmp_path: Path) -> None:
+    fx = torch.load(FIXTURE, weights_only=True)
+    torch.save(fx["state_dict"], tmp_path / "vae.pth")
+    out = convert_checkpoint(tmp_path / "vae.pth", tmp_path / "vae", patch_nums=(1, 2, 3, 4))
+    vae = load_converted(out).eval()
+    cfg = vae.config
+    assert (cfg.ch, cfg.vocab_size, cfg.z_channels, cfg.ch_mult, cfg.share_quant_resi) == (32, 64, 8, (1, 1, 2, 2, 4), 4)
+    with torch.no_grad():
+        got = vae.img_to_indices(fx["images"])
+    for a, b in zip(got, fx["idx_Bl"]):
+        assert torch.equal(a, b)
+
+
+def test_vqvae_layout_with_official_counts() -> None:
+    from deqgen.models.viar.convert import infer_vqvae_config
+    from deqgen.models.viar.vqvae import VQVAE_PRESETS, MultiScaleVQVAE
+
+    with torch.device("meta"):
+        sd = MultiScaleVQVAE(VQVAE_PRESETS["vae_ch160v4096z32"]).state_dict()
+    assert {k: tuple(v.shape) for k, v in sd.items()} == _tsv("vae_ch160v4096z32")
+    assert infer_vqvae_config(sd) == VQVAE_PRESETS["vae_ch160v4096z32"]

@@ -47,6 +47,7 @@ __all__ = [
     "infer_transformer_config",
     "convert_transformer",
     "convert_vqvae",
+    "infer_vqvae_config",
     "to_official_transformer",
     "save_converted",
     "load_converted",
@@ -265,26 +266,59 @@ def to_official_transformer(model: NextScaleTransformer) -> dict[str, Tensor]:
 # ---- VQVAE -----------------------------------------------------------------------------------------------
 
 
+def infer_vqvae_config(
+    sd: Mapping[str, Tensor], *, patch_nums: tuple[int, ...] | None = None, src: str = "state dict"
+) -> Any:
+    """Read a ``VQVAEConfig`` from an official VQVAE state dict's keys and shapes.
+
+    ``patch_nums`` defaults to the 256-px pyramid when the usage buffer has 10 rows (official layout);
+    ``norm_groups`` cannot be read from shapes and stays 32 (the official value).
+    """
+    from deqgen.models.viar.vqvae import VQVAEConfig
+
+    ch, in_ch = _need(sd, "encoder.conv_in.weight", src).shape[:2]
+    V, Cv = _need(sd, "quantize.embedding.weight", src).shape
+    levels = _count(sd, "encoder.down")
+    ch_mult = tuple(int(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) // ch for i in range(levels))
+    n_res = _count(sd, "encoder.down.0.block")
+    if any(k.startswith("quantize.quant_resi.qresi_ls.") for k in sd):
+        share = _count(sd, "quantize.quant_resi.qresi_ls")
+    elif any(k.startswith("quantize.quant_resi.qresi.") for k in sd):
+        share = 1
+    else:
+        share = _count(sd, "quantize.quant_resi")
+    if patch_nums is None:
+        K = sd["quantize.ema_vocab_hit_SV"].shape[0] if "quantize.ema_vocab_hit_SV" in sd else None
+        if K != len(PATCH_NUMS_256):
+            raise CheckpointError(f"{src}: the tokenizer's scale pyramid cannot be read from the keys; pass patch_nums")
+        patch_nums = PATCH_NUMS_256
+    return VQVAEConfig(
+        vocab_size=V, z_channels=Cv, ch=ch, ch_mult=ch_mult, num_res_blocks=n_res, patch_nums=tuple(patch_nums),
+        share_quant_resi=share, in_channels=in_ch,
+        level_attention=any(k.startswith(f"encoder.down.{levels - 1}.attn.") for k in sd),
+        mid_attention=any(k.startswith("encoder.mid.attn_1.") for k in sd),
+    )
+
+
 def convert_vqvae(
     sd: Mapping[str, Tensor], cfg: Any = None, *, patch_nums: tuple[int, ...] | None = None,
     src: str = "state dict",
 ) -> tuple[dict[str, Tensor], Any]:
-    """Official VQVAE state dict -> ``(deqgen state dict, VQVAEConfig)``. Only the official
-    ``vae_ch160v4096z32`` layout (and configs given explicitly) are recognised."""
-    from deqgen.models.viar.vqvae import VQVAE_PRESETS, MultiScaleVQVAE
+    """Official VQVAE state dict -> ``(deqgen state dict, VQVAEConfig)``, fully checked.
 
-    if cfg is None:
-        cfg = VQVAE_PRESETS["vae_ch160v4096z32"]
-        if patch_nums is not None:
-            cfg = dataclasses.replace(cfg, patch_nums=tuple(patch_nums))
+    The names are deqgen's already; a codebook-usage buffer with another scale count is replaced by zeros.
+    """
+    from deqgen.models.viar.vqvae import MultiScaleVQVAE
+
+    cfg = cfg or infer_vqvae_config(sd, patch_nums=patch_nums, src=src)
     with torch.device("meta"):
         ref = MultiScaleVQVAE(cfg)
     want = ref.state_dict()
-    out = {k: v for k, v in sd.items() if k in want or k != "quantize.ema_vocab_hit_SV"}
-    if "quantize.ema_vocab_hit_SV" in want and "quantize.ema_vocab_hit_SV" in out:
-        if tuple(out["quantize.ema_vocab_hit_SV"].shape) != tuple(want["quantize.ema_vocab_hit_SV"].shape):
-            out["quantize.ema_vocab_hit_SV"] = torch.zeros(want["quantize.ema_vocab_hit_SV"].shape)
-    _check_against(ref, out, src, " (vae_ch160v4096z32 layout)")
+    out = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    ema = "quantize.ema_vocab_hit_SV"
+    if ema in out and tuple(out[ema].shape) != tuple(want[ema].shape):
+        out[ema] = torch.zeros(want[ema].shape)
+    _check_against(ref, out, src, f" built from {cfg}")
     return out, cfg
 
 

@@ -1,0 +1,108 @@
+"""Sampling throughput, peak memory and KV-cache bytes: VAR vs VIAR of the same width, side by side.
+
+Random weights (speed does not depend on them), the 256-px 10-scale pyramid (L = 680), a VAR-d30-shaped
+trunk (30 blocks) against VIAR's (5 pre, 1 implicit, 5 post) at a CPU-sized width, classifier-free guidance
+on (2B rows), each configuration in a fresh process (peak RSS is per process). Prints a markdown table and
+writes a PNG plot.
+
+    python benchmarks/sampling_bench.py --width 256 --batch 4 --out docs/_static/sampling_bench.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+CONFIGS = [
+    ("VAR (30 blocks)", "var", None, "iteration"),
+    ("VIAR constant 10", "viar", "constant:10", "iteration"),
+    ("VIAR linear 10->5 (official floor)", "viar", "linear:10:5:floor", "iteration"),
+    ("VIAR linear 10->1", "viar", "linear:10:1:floor", "iteration"),
+    ("VIAR linear 6->1", "viar", "linear:6:1:floor", "iteration"),
+    ("VIAR adaptive 1e-3 (<=10)", "viar", "adaptive:1e-3:10", "iteration"),
+    ("VIAR linear 10->5, lean cache", "viar", "linear:10:5:floor", "lean"),
+    ("VIAR linear 6->1, lean cache", "viar", "linear:6:1:floor", "lean"),
+]
+
+
+def _one(kind: str, schedule: str | None, cache: str, width: int, batch: int, repeats: int) -> dict:
+    import torch
+
+    from deqgen.models.viar.config import ImplicitSpec, TransformerConfig
+    from deqgen.models.viar.model import build_model
+    from deqgen.models.viar.sampling import generate
+    from deqgen.models.viar.vqvae import MultiScaleVQVAE, VQVAEConfig
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    implicit = ImplicitSpec(pre_depth=5, post_depth=5) if kind == "viar" else None
+    cfg = TransformerConfig(depth=30, embed_dim=width, num_heads=width // 64, implicit=implicit)
+    model = build_model(cfg, generator=torch.Generator().manual_seed(0)).eval()
+    vae = MultiScaleVQVAE(VQVAEConfig(ch=32)).eval()
+    vae.init_weights(torch.Generator().manual_seed(0))
+    labels = torch.arange(batch)
+    generate(model, vae, labels, schedule=schedule, cfg=1.5, top_k=900, top_p=0.96, seed=0, cache=cache)  # warm
+    times, res = [], None
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        res = generate(model, vae, labels, schedule=schedule, cfg=1.5, top_k=900, top_p=0.96, seed=r, cache=cache)
+        times.append(time.perf_counter() - t0)
+    assert res is not None
+    its = [float(s.iterations.float().mean()) for s in res.stats]
+    return {
+        "img_per_s": batch / sorted(times)[len(times) // 2],
+        "peak_rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024,
+        "kv_bytes": res.kv_bytes,
+        "params": sum(p.numel() for p in model.parameters()),
+        "iterations": its,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None, help="PNG plot path")
+    ap.add_argument("--child", nargs=3, metavar=("KIND", "SCHEDULE", "CACHE"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        kind, schedule, cache = args.child
+        print(json.dumps(_one(kind, None if schedule == "-" else schedule, cache, args.width, args.batch, args.repeats)))
+        return 0
+    rows = []
+    for label, kind, schedule, cache in CONFIGS:
+        cmd = [sys.executable, __file__, "--width", str(args.width), "--batch", str(args.batch), "--repeats",
+               str(args.repeats), "--child", kind, schedule or "-", cache]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        rows.append((label, json.loads(out)))
+    var = rows[0][1]
+    print(f"width {args.width}, batch {args.batch} (+{args.batch} unconditional rows), 10 scales, CPU, "
+          f"median of {args.repeats}\n")
+    print("| configuration | img/s | x VAR | peak RSS (MB) | KV-cache MB | x VAR | mean implicit iters per scale |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for label, r in rows:
+        its = ", ".join(f"{v:.1f}" for v in r["iterations"]) if "VIAR" in label else "-"
+        print(f"| {label} | {r['img_per_s']:.2f} | {r['img_per_s'] / var['img_per_s']:.2f} | {r['peak_rss_mb']:.0f} | "
+              f"{r['kv_bytes'] / 2**20:.1f} | {r['kv_bytes'] / var['kv_bytes']:.2f} | {its} |")
+    if args.out:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.barh([lbl for lbl, _ in rows][::-1], [r["img_per_s"] for _, r in rows][::-1], color="tab:blue")
+        ax.set_xlabel("images / s (CPU)")
+        ax.set_title(f"Sampling throughput, width {args.width}, batch {args.batch}, 10 scales")
+        fig.savefig(args.out, dpi=100, bbox_inches="tight")
+        print(f"\nplot: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

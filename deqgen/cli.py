@@ -1,0 +1,136 @@
+"""The ``deqgen`` command: ``convert``, ``sample`` and ``edit`` (training lives in ``recipes/``).
+
+    deqgen convert viar.pth ckpt/viar_d30
+    deqgen sample ckpt/viar_d30 --vqvae ckpt/vae --classes 207 360 --schedule linear:10:5:floor --out grid.png
+    deqgen edit ckpt/viar_d30 --vqvae ckpt/vae --image in.png --box 64 64 192 192 --class 980 --out edit.png
+
+Errors (bad arguments, unreadable checkpoints) print one line to stderr and exit with code 2; nothing is
+written then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["main"]
+
+
+def _save_grid(path: Path, images: Tensor, nrow: int) -> None:
+    """``(N, C, H, W)`` in [0, 1] -> PNG grid, written atomically (needs Pillow, e.g. via ``deqgen[recipes]``)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise SystemExit("error: writing PNGs needs Pillow: pip install 'deqgen[recipes]'") from None
+    n, c, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.ones(c, rows * (h + 2) + 2, nrow * (w + 2) + 2)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, 2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + col * (w + 2) : 2 + col * (w + 2) + w] = images[i]
+    arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8)
+    arr = arr[0].numpy() if c == 1 else arr.permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(arr).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _load_pair(model_dir: str, vqvae_dir: str):  # type: ignore[no-untyped-def]
+    from deqgen.models.viar.convert import load_converted
+
+    model, vae = load_converted(model_dir), load_converted(vqvae_dir)
+    return model.eval(), vae.eval()
+
+
+def _read_image(path: Path, side: int, channels: int) -> Tensor:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise SystemExit("error: reading images needs Pillow: pip install 'deqgen[recipes]'") from None
+    img = Image.open(path).convert("L" if channels == 1 else "RGB").resize((side, side), Image.Resampling.LANCZOS)
+    t = torch.tensor(bytearray(img.tobytes()), dtype=torch.uint8).view(side, side, channels).permute(2, 0, 1)
+    return t.float()[None] / 127.5 - 1
+
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="converted model directory (deqgen convert)")
+    p.add_argument("--vqvae", required=True, help="converted tokenizer directory")
+    p.add_argument("--schedule", default=None, help="e.g. constant:10, linear:10:5:floor, adaptive:1e-3:10")
+    p.add_argument("--solver", default=None, choices=["picard", "anderson", "broyden"])
+    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--top-k", type=int, default=900)
+    p.add_argument("--top-p", type=float, default=0.96)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="PNG path")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="deqgen", description="deqgen command line")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert", help="official VAR / VIAR / VQVAE .pth -> deqgen safetensors + config.json")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--kind", default="auto", choices=["auto", "var", "viar", "vqvae"])
+    c.add_argument("--patch-nums", type=int, nargs="+", default=None)
+    s = sub.add_parser("sample", help="sample a labelled PNG grid")
+    _sample_args(s)
+    s.add_argument("--classes", type=int, nargs="+", required=True)
+    s.add_argument("--per-class", type=int, default=4)
+    e = sub.add_parser("edit", help="in-paint (or out-paint) a box of an image, optionally with a new class")
+    _sample_args(e)
+    e.add_argument("--image", type=Path, required=True)
+    e.add_argument("--box", type=int, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), required=True,
+                   help="pixel box in the model's image size")
+    e.add_argument("--outpaint", action="store_true", help="regenerate outside the box instead of inside")
+    e.add_argument("--class", dest="label", type=int, required=True)
+    e.add_argument("--samples", type=int, default=4)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from deqgen.models.viar.convert import CheckpointError, convert_checkpoint
+
+    try:
+        if args.cmd == "convert":
+            pn = tuple(args.patch_nums) if args.patch_nums else None
+            out = convert_checkpoint(args.src, args.dst, kind=args.kind, patch_nums=pn)
+            print(f"wrote {out}")
+            return 0
+        from deqgen import solvers
+        from deqgen.models.viar.sampling import EditSpec, generate
+
+        model, vae = _load_pair(args.model, args.vqvae)
+        solver = solvers.get(args.solver) if args.solver else None
+        kw = dict(schedule=args.schedule, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, solver=solver,
+                  generator=torch.Generator().manual_seed(args.seed))
+        if args.cmd == "sample":
+            labels = torch.tensor(args.classes).repeat_interleave(args.per_class)
+            res = generate(model, vae, labels, **kw)  # type: ignore[arg-type]
+            _save_grid(args.out, res.images, nrow=args.per_class)
+        else:
+            side, ch = vae.config.image_size, vae.config.in_channels
+            x0, y0, x1, y1 = args.box
+            if not (0 <= x0 < x1 <= side and 0 <= y0 < y1 <= side):
+                raise ValueError(f"--box {args.box} must satisfy 0 <= x0 < x1 <= {side} and 0 <= y0 < y1 <= {side}")
+            img = _read_image(args.image, side, ch).expand(args.samples, -1, -1, -1)
+            mask = torch.zeros(side, side, dtype=torch.bool)
+            mask[y0:y1, x0:x1] = True
+            res = generate(model, vae, torch.full((args.samples,), args.label),
+                           edit=EditSpec(img, ~mask if args.outpaint else mask), **kw)  # type: ignore[arg-type]
+            _save_grid(args.out, torch.cat([(img[:1] + 1) / 2, res.images]), nrow=args.samples + 1)
+        print(f"wrote {args.out}")
+        return 0
+    except (CheckpointError, ValueError, TypeError, KeyError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

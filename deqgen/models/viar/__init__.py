@@ -12,13 +12,14 @@ from deqgen.models.viar.config import PRESETS, ImplicitSpec, TransformerConfig, 
 from deqgen.models.viar.convert import CheckpointError, convert_checkpoint, load_converted
 from deqgen.models.viar.model import NextScaleTransformer, build_model, build_trunk
 from deqgen.models.viar.sampling import EditSpec, SampleResult, generate
-from deqgen.models.viar.schedules import Adaptive, Constant, Explicit, Linear, Schedule, parse_schedule
+from deqgen.models.viar.schedules import Adaptive, Budget, Constant, Explicit, Linear, Schedule, parse_schedule
 from deqgen.models.viar.vqvae import VQVAE_PRESETS, MultiScaleVQVAE, VQVAEConfig
 
 __all__ = [
     "PRESETS",
     "VQVAE_PRESETS",
     "Adaptive",
+    "Budget",
     "CheckpointError",
     "Constant",
     "EditSpec",

@@ -1,101 +1,240 @@
 """Logits processing for sampling: guidance ramp, top-k / top-p filtering, per-sample random draws.
 
-Every random draw comes from a per-sample ``torch.Generator``: sample ``i``'s tokens depend only on its own
-generator, so the same seed gives the same tokens for sample ``i`` whatever the batch size.
+Pure functions on ``(B, n, V)`` logits (``B`` samples, ``n`` token positions of one scale, vocabulary
+``V``). Every random draw comes from a ``torch.Generator`` passed in; nothing touches the global RNG.
+
+**Batch-size invariance.** Sample ``i`` gets its own generator, seeded from ``(seed, i)`` with the global
+sample index ``i`` (:func:`per_sample_generators`), and :func:`sample_tokens` draws row ``b`` from
+``generators[b]`` only, running the per-row work (filtering, probabilities, the draw) on that row alone. So
+for the same seed and the same row logits, sample ``i``'s tokens are bitwise the same whatever the batch size,
+its position in the batch, or the shard it is in. (The model's logits themselves may still differ in the
+last bits between batch sizes on some backends; that is outside this module.)
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["cfg_ramp", "apply_cfg", "top_k_top_p_filter", "sample_tokens", "per_sample_generators"]
+__all__ = [
+    "apply_cfg",
+    "cfg_ramp",
+    "derive_seed",
+    "per_sample_generators",
+    "sample_tokens",
+    "top_k_top_p_filter",
+]
 
 
 def cfg_ramp(si: int, num_scales: int, cfg: float, kind: Literal["linear", "constant"] = "linear") -> float:
     """Guidance weight ``t`` at scale ``si``.
 
-    ``"linear"`` (official): ``t = cfg * si / (K - 1)``, no guidance at the first scale and full guidance at
-    the last (``cfg`` when ``K == 1``); ``"constant"``: ``t = cfg`` everywhere.
+    Args:
+        si: scale index in ``[0, num_scales)``.
+        num_scales: number of scales ``K >= 1``.
+        cfg: guidance strength.
+        kind: ``"linear"`` (official): ``t = cfg * (si / (K - 1))``, no guidance at scale 0 and full guidance at
+            the last scale; with ``K == 1`` (where the official formula divides by zero) the only scale is the
+            last one and gets ``t = cfg``. ``"constant"``: ``t = cfg`` at every scale.
+
+    Returns:
+        ``t`` as a Python float.
     """
-    if not 0 <= si < num_scales:
-        raise ValueError(f"scale index {si} outside [0, {num_scales})")
+    if kind not in ("linear", "constant"):
+        raise ValueError(f"cfg kind must be 'linear' or 'constant', got {kind!r}")
+    if isinstance(num_scales, bool) or not isinstance(num_scales, numbers.Integral) or num_scales < 1:
+        raise ValueError(f"num_scales must be an int >= 1, got {num_scales!r}")
+    if isinstance(si, bool) or not isinstance(si, numbers.Integral) or not 0 <= si < num_scales:
+        raise ValueError(f"scale index {si!r} is outside [0, {num_scales})")
     if kind == "constant" or num_scales == 1:
         return float(cfg)
-    if kind != "linear":
-        raise ValueError(f"cfg kind must be 'linear' or 'constant', got {kind!r}")
-    return float(cfg) * si / (num_scales - 1)
+    return float(cfg) * (int(si) / (int(num_scales) - 1))  # the official ``cfg * ratio``, bit for bit
 
 
 def apply_cfg(logits_cond: Tensor, logits_uncond: Tensor, t: float) -> Tensor:
-    """Classifier-free guidance ``(1 + t) * cond - t * uncond`` on ``(B, n, V)`` logits."""
+    """Classifier-free guidance, the official expression ``(1 + t) * cond - t * uncond``.
+
+    Args:
+        logits_cond: ``(B, n, V)`` class-conditional logits.
+        logits_uncond: ``(B, n, V)`` unconditional (null-class) logits.
+        t: guidance weight (see :func:`cfg_ramp`).
+
+    Returns:
+        ``(B, n, V)`` guided logits (a new tensor).
+    """
+    if logits_cond.shape != logits_uncond.shape:
+        raise ValueError(
+            f"cond and uncond logits differ in shape: {tuple(logits_cond.shape)} vs {tuple(logits_uncond.shape)}"
+        )
     return (1 + t) * logits_cond - t * logits_uncond
 
 
+def _check_filter_args(top_k: object, top_p: object) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 <= float(top_p) <= 1.0:
+        raise ValueError(f"top_p must be a number in [0, 1] (0 = off), got {top_p!r}")
+
+
 def top_k_top_p_filter(logits: Tensor, top_k: int = 0, top_p: float = 0.0) -> Tensor:
-    """Set removed tokens to ``-inf`` (a new tensor; the input is not modified).
+    """Set the logits of removed tokens to ``-inf``, as the official ``sample_with_top_k_top_p_``.
+
+    Top-k first, then top-p on what is left. Ties: top-k keeps every token tied with the ``k``-th largest;
+    top-p sorts with a *stable* ascending sort, so among tied tokens the lower vocabulary index comes first
+    in the ascending order and is dropped first (the official unstable sort leaves this unspecified).
+    Probabilities for top-p are computed in float32 or wider, whatever the logits' dtype.
 
     Args:
-        logits: ``(B, n, V)``.
-        top_k: keep logits ``>=`` the ``top_k``-th largest (0 = off; ``>= V`` keeps all).
-        top_p: nucleus: sort ascending and drop tokens whose ascending cumulative probability is
-            ``<= 1 - top_p``, always keeping the most likely one (0 = off), as the official code.
+        logits: ``(..., V)``, usually ``(B, n, V)``. Not modified.
+        top_k: keep logits ``>=`` the ``top_k``-th largest of their row; ``0`` = off, ``>= V`` keeps all
+            (the official code raises there).
+        top_p: nucleus: sort a row ascending and drop the tokens whose ascending cumulative probability is
+            ``<= 1 - top_p``, always keeping the most likely token; ``0.0`` = off. ``1.0`` drops only tokens of
+            zero probability.
 
     Returns:
-        ``(B, n, V)`` filtered logits.
+        A new tensor shaped and typed like ``logits``, ``-inf`` where a token was removed.
     """
+    _check_filter_args(top_k, top_p)
     out = logits.clone()
     V = out.shape[-1]
-    if top_k < 0 or not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"need top_k >= 0 and 0 <= top_p <= 1, got top_k={top_k}, top_p={top_p}")
     if 0 < top_k < V:
-        kth = out.topk(top_k, dim=-1).values[..., -1:]
-        out = out.masked_fill(out < kth, float("-inf"))
+        kth = out.topk(int(top_k), dim=-1).values[..., -1:]
+        out.masked_fill_(out < kth, float("-inf"))
     if top_p > 0.0:
-        sorted_logits, order = out.sort(dim=-1, descending=False)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum <= 1 - top_p
+        wide = out if out.dtype in (torch.float32, torch.float64) else out.float()
+        sorted_logits, order = wide.sort(dim=-1, descending=False, stable=True)
+        drop_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1.0 - float(top_p)
         drop_sorted[..., -1] = False
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        out = out.masked_fill(drop, float("-inf"))
+        drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        out.masked_fill_(drop, float("-inf"))
     return out
 
 
-def per_sample_generators(
-    generator: torch.Generator, count: int, *, offset: int = 0, device: torch.device | str = "cpu"
-) -> list[torch.Generator]:
-    """One generator per sample, seeded from ``generator``'s draws one at a time.
+_SEED_MOD = 2**64
 
-    Sample ``j`` (global index ``offset + j``) gets the ``(offset + j)``-th draw, so a batch, its prefix,
-    and a shard starting at ``offset`` of the same seed agree.
+
+def derive_seed(seed: int, index: int) -> int:
+    """The 64-bit seed of sample ``index`` under run seed ``seed``.
+
+    ``numpy.random.SeedSequence(seed, spawn_key=(index,))``: numpy's hash-based child-seed derivation (a
+    fixed, documented algorithm), so different samples get well-separated seeds and the seed of sample
+    ``index`` depends only on ``(seed, index)``.
+
+    Args:
+        seed: run seed, an int ``>= 0``.
+        index: global sample index, an int ``>= 0``.
+
+    Returns:
+        An int in ``[0, 2**64)``.
     """
-    seeds = [int(torch.randint(0, 2**62, (1,), generator=generator)) for _ in range(offset + count)]
-    return [torch.Generator(device=device).manual_seed(s) for s in seeds[offset:]]
+    for name, v in (("seed", seed), ("index", index)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    state = np.random.SeedSequence(int(seed), spawn_key=(int(index),)).generate_state(1, dtype=np.uint64)
+    return int(state[0]) % _SEED_MOD
+
+
+def per_sample_generators(
+    seed: int | torch.Generator,
+    indices: int | Sequence[int],
+    *,
+    offset: int = 0,
+    device: torch.device | str = "cpu",
+) -> list[torch.Generator]:
+    """One generator per sample, seeded by :func:`derive_seed` from the run seed and the global sample index.
+
+    Args:
+        seed: the run seed (an int ``>= 0``), or a ``torch.Generator`` from which one 63-bit run seed is
+            drawn (so the same generator state gives the same samples, and a used generator new ones).
+        indices: the number of samples ``count`` (global indices ``offset .. offset + count - 1``), or the
+            global sample indices themselves (then ``offset`` must be 0).
+        offset: global index of the first sample, for sharded runs.
+        device: device of the generators (the logits' device in :func:`sample_tokens`).
+
+    Returns:
+        A list of generators, one per sample, in order. A batch, any prefix of it and any shard at the right
+        ``offset`` of the same seed give sample ``i`` the same generator seed.
+    """
+    if isinstance(seed, torch.Generator):
+        run_seed = int(torch.randint(0, 2**63 - 1, (1,), generator=seed, device=seed.device).item())
+    elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0 or a torch.Generator, got {seed!r}")
+    else:
+        run_seed = int(seed)
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
+        raise ValueError(f"offset must be an int >= 0, got {offset!r}")
+    if isinstance(indices, numbers.Integral) and not isinstance(indices, bool):
+        if indices < 0:
+            raise ValueError(f"sample count must be >= 0, got {indices}")
+        idx: Sequence[int] = range(int(offset), int(offset) + int(indices))
+    elif offset:
+        raise ValueError("give either a count with an offset, or explicit global indices (offset 0)")
+    else:
+        idx = [int(i) for i in indices]  # type: ignore[union-attr]
+    return [torch.Generator(device=device).manual_seed(derive_seed(run_seed, i)) for i in idx]
 
 
 def sample_tokens(
-    logits: Tensor, *, top_k: int = 0, top_p: float = 0.0, generators: Sequence[torch.Generator]
+    logits: Tensor,
+    *,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    generators: torch.Generator | Sequence[torch.Generator],
 ) -> Tensor:
-    """One categorical draw per position from filtered ``(B, n, V)`` logits -> ``(B, n)`` int64.
+    """One categorical draw per position from top-k / top-p filtered logits.
 
-    Row ``b`` draws ``n`` uniforms from ``generators[b]`` and inverts its cumulative distribution, so its
-    tokens depend only on its logits and its generator.
+    Row ``b`` is filtered (:func:`top_k_top_p_filter`), turned into probabilities (softmax in float64; float32
+    on MPS) and sampled by inverting its cumulative distribution with ``n`` uniforms from ``generators[b]``:
+    token ``v`` is drawn for ``u = U * cdf[-1]`` with ``cdf[v - 1] <= u < cdf[v]``, which has probability
+    ``p_v`` exactly (up to the float64 grid of ``U``) and never picks a token of zero probability, so
+    filtered tokens are never drawn. Everything is computed per row, so a row's tokens depend only on its
+    logits and its generator: bitwise batch-size invariant.
+
+    Args:
+        logits: ``(B, n, V)``.
+        top_k: see :func:`top_k_top_p_filter` (0 = off).
+        top_p: see :func:`top_k_top_p_filter` (0.0 = off).
+        generators: ``B`` generators on the logits' device, one per row (see :func:`per_sample_generators`);
+            or a single generator, used by every row in turn (row ``b`` draws after row ``b - 1``; then the
+            tokens depend on the batch size unless ``B == 1``).
+
+    Returns:
+        ``(B, n)`` int64 token indices.
+
+    Raises:
+        ValueError: wrong shapes or generator count, or a row with no token of positive finite probability
+            (e.g. NaN or all ``-inf`` logits).
     """
-    B, n, _ = logits.shape
-    if len(generators) != B:
-        raise ValueError(f"need one generator per sample: {B} rows, {len(generators)} generators")
-    probs = top_k_top_p_filter(logits.float(), top_k, top_p).softmax(-1).double()
-    cdf = probs.cumsum(-1)
-    out = torch.empty(B, n, dtype=torch.long, device=logits.device)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be (B, n, V), got shape {tuple(logits.shape)}")
+    _check_filter_args(top_k, top_p)
+    B, n, V = logits.shape
+    gens = [generators] * B if isinstance(generators, torch.Generator) else list(generators)
+    if len(gens) != B:
+        raise ValueError(f"need one generator per sample: {B} rows, {len(gens)} generators")
+    dev = logits.device
+    wide = torch.float32 if dev.type == "mps" else torch.float64
+    out = torch.empty(B, n, dtype=torch.long, device=dev)
+    bad = torch.zeros((), dtype=torch.bool, device=dev)
     for b in range(B):
-        u = torch.rand(n, 1, generator=generators[b], device=logits.device, dtype=torch.float64) * cdf[b, :, -1:]
-        idx = torch.searchsorted(cdf[b], u).squeeze(1)
-        out[b] = idx.clamp_max(probs.shape[-1] - 1)
-    # never pick a removed token (searchsorted can land on a zero-probability slot only at exact ties)
-    bad = probs.gather(-1, out[..., None]).squeeze(-1) == 0
-    if bool(bad.any()):
-        out = torch.where(bad, probs.argmax(-1), out)
+        probs = top_k_top_p_filter(logits[b], top_k, top_p).to(wide).softmax(dim=-1)  # (n, V)
+        cdf = probs.cumsum(dim=-1)
+        total = cdf[:, -1:]
+        u = torch.rand(n, 1, generator=gens[b], device=dev, dtype=wide) * total
+        idx = torch.searchsorted(cdf, u, right=True)  # first v with cdf[v] > u
+        # u < total always holds for float64 (U <= 1 - 2**-53); the clamp to each row's last token of positive
+        # probability only guards against rounding in lower precision.
+        last_pos = (V - 1) - (probs > 0).flip(-1).to(torch.uint8).argmax(dim=-1, keepdim=True)
+        out[b] = torch.minimum(idx, last_pos).squeeze(1)
+        bad |= ~(total > 0).all() | ~torch.isfinite(total).all()
+    if bool(bad):
+        raise ValueError(
+            "a row of logits has no token of positive finite probability (NaN or all -inf logits?)"
+        )
     return out

@@ -4,8 +4,8 @@
 KV cache's lifetime; the model only computes one scale's logits (``forward_scale``) and the tokenizer turns
 tokens into the next scale's input (``next_scale_input``).
 
-Randomness: one seed per sample, derived from the caller's ``generator`` one draw at a time, so sample ``i``
-gets the same random stream whatever the batch size (see :func:`~deqgen.models.viar.logits.sample_tokens`).
+Randomness: one run seed is drawn from the caller's ``generator``; sample ``i`` gets a generator seeded from
+(run seed, global index ``i``), so it draws the same random stream whatever the batch size (see :func:`~deqgen.models.viar.logits.sample_tokens`).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def generate(
             ``"constant"`` applies ``cfg`` at every scale.
         top_k: keep the ``top_k`` most likely tokens (0 = all).
         top_p: nucleus threshold (0 = off).
-        generator: the random source; each sample's seed is drawn from it in order.
+        generator: the random source; one run seed is drawn from it, per-sample seeds derive from it.
         seed: alternatively an int seed (ignored when ``generator`` is given).
         sample_offset: global index of the first sample, for sharded sampling with ``seed``.
         solver: VIAR's solver type (Picard = official, Anderson, Broyden); the schedule sets its budget or

@@ -1,0 +1,558 @@
+"""Atomic, verifiable, resumable checkpoints that carry their config.
+
+Layout of one checkpoint (``directory/ckpt_{step:08d}/``):
+
+- ``model.safetensors``: the model's full state dict (rank 0);
+- ``state.pt``: the caller's training state (optimizer, scheduler, scaler, data position, epoch, ...) plus
+  ``step`` and ``config_yaml``, the validated recipe config as YAML text (rank 0);
+- ``config.yaml``: the same config, for people;
+- ``rng_rank{r}.pt``: rank ``r``'s RNG states (torch, CUDA, numpy, Python, named generators such as the
+  S-JFB stream); every rank writes its own and reads its own;
+- ``MANIFEST.json``: size and sha256 of every file above, written **last**.
+
+Atomicity: every rank writes into ``directory/.ckpt_{step:08d}.tmp``; after a barrier rank 0 writes the
+manifest and renames the directory to its final name, so a final-named directory was complete when it
+appeared; the manifest then detects later damage (truncation, bit rot). Older checkpoints beyond
+``keep_last`` are deleted only after the new one is in place. ``load("auto")`` takes the newest checkpoint
+that verifies, logging and skipping damaged ones; an explicit damaged path raises :class:`CheckpointError`
+naming the file. Everything is read back with ``torch.load(weights_only=True)`` or safetensors.
+
+All ranks must see ``directory`` (one node, or a shared filesystem) and call :meth:`CheckpointManager.save`
+together. For FSDP2 (or any wrapper) gather full state dicts first with :func:`gather_full_state` (every
+rank calls it) and restore with :func:`scatter_full_state`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from recipes.config import (
+    ConfigError,
+    RecipeConfig,
+    build_baseline_config,
+    build_model_config,
+    config_to_yaml,
+    load_config_text,
+)
+from recipes.distributed import DistInfo, barrier
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointConfigMismatch",
+    "CheckpointError",
+    "CheckpointManager",
+    "capture_rng_state",
+    "check_config_compatible",
+    "config_differences",
+    "gather_full_state",
+    "restore_rng_state",
+    "scatter_full_state",
+]
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "MANIFEST.json"
+FORMAT_VERSION = 1
+_FINAL = re.compile(r"^ckpt_(\d{8})$")
+_TEMP = re.compile(r"^\.ckpt_(\d{8})\.(tmp|old)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupt; the message names the file."""
+
+
+class CheckpointConfigMismatch(ValueError):
+    """The checkpoint's stored config builds a different model than the run's config."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What :meth:`CheckpointManager.load` returns.
+
+    Attributes:
+        path: the checkpoint directory.
+        step: the optimizer step it was saved at.
+        model_state: name -> tensor, on CPU (empty on non-main ranks with ``model_on_main_only``).
+        train_state: the dict given to ``save`` (plus ``step`` and ``config_yaml``).
+        rng_state: this rank's RNG states for :func:`restore_rng_state`, or None when the checkpoint has
+            none for this rank (it was saved with fewer ranks).
+        config_yaml: the config the checkpoint was trained with.
+    """
+
+    path: Path
+    step: int
+    model_state: dict[str, Tensor]
+    train_state: dict[str, Any]
+    rng_state: dict[str, Any] | None
+    config_yaml: str | None
+
+
+# ---- RNG -------------------------------------------------------------------------------------------------------
+
+def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """This process's RNG states as tensors and plain lists (loadable with ``weights_only=True``).
+
+    Args:
+        generators: named generators to save too, e.g. ``{"sjfb": shared_generator}``.
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    version, py_state, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": list(py_state), "gauss_next": gauss_next},
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
+    """Undo :func:`capture_rng_state`: the next random draws equal those after the capture.
+
+    Named generators missing from ``state`` are left alone (with a warning).
+    """
+    torch.set_rng_state(state["torch"])
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    saved = state.get("generators", {})
+    for name, g in (generators or {}).items():
+        if name in saved:
+            g.set_state(saved[name])
+        else:
+            logger.warning("checkpoint has no state for generator %r; it keeps its current state", name)
+
+
+# ---- config compatibility -----------------------------------------------------------------------------------------
+
+_MODEL_SHAPE_FIELDS = ("depth", "embed_dim", "num_heads", "mlp_ratio", "patch_nums", "vocab_size", "z_channels",
+                       "num_classes", "attn_l2_norm", "shared_aln")
+_IMPLICIT_SHAPE_FIELDS = ("pre_depth", "post_depth", "weight_norm")
+_TOKENIZER_SHAPE_FIELDS = ("vocab_size", "z_channels", "ch", "ch_mult", "num_res_blocks", "patch_nums",
+                           "share_quant_resi", "quant_resi", "in_channels", "norm_groups", "level_attention",
+                           "mid_attention")
+
+
+def _transformer_differences(section: str, old: Any, new: Any) -> list[str]:
+    if old is None or new is None:
+        if (old is None) != (new is None):
+            kinds = ["absent" if c is None else ("VIAR" if c.implicit else "VAR") for c in (old, new)]
+            return [f"{section}: checkpoint {kinds[0]}, run {kinds[1]}"]
+        return []
+    out = [f"{section}.{f}: checkpoint {getattr(old, f)!r}, run {getattr(new, f)!r}"
+           for f in _MODEL_SHAPE_FIELDS if getattr(old, f) != getattr(new, f)]
+    if (old.implicit is None) != (new.implicit is None):
+        kinds = ["VAR (implicit null)" if c.implicit is None else "VIAR" for c in (old, new)]
+        out.append(f"{section}.implicit: checkpoint {kinds[0]}, run {kinds[1]}")
+    elif old.implicit is not None:
+        out += [f"{section}.implicit.{f}: checkpoint {getattr(old.implicit, f)!r}, run {getattr(new.implicit, f)!r}"
+                for f in _IMPLICIT_SHAPE_FIELDS if getattr(old.implicit, f) != getattr(new.implicit, f)]
+    return out
+
+
+def config_differences(saved: RecipeConfig, current: RecipeConfig) -> list[str]:
+    """The model-shape fields (model, baseline, tokenizer) that differ, as ``path: checkpoint X, run Y`` lines.
+
+    Training settings (lr, batch, schedules, drop rates, S-JFB ranges) may change on resume and are not listed.
+    """
+    out = _transformer_differences("model", build_model_config(saved), build_model_config(current))
+    out += _transformer_differences("baseline", build_baseline_config(saved), build_baseline_config(current))
+    out += [f"tokenizer.{f}: checkpoint {getattr(saved.tokenizer, f)!r}, run {getattr(current.tokenizer, f)!r}"
+            for f in _TOKENIZER_SHAPE_FIELDS if getattr(saved.tokenizer, f) != getattr(current.tokenizer, f)]
+    return out
+
+
+def check_config_compatible(saved_yaml: str, current: RecipeConfig, *, source: str = "checkpoint") -> None:
+    """Raise if the checkpoint's config builds a different model than ``current``.
+
+    Raises:
+        CheckpointConfigMismatch: lists every differing model-shape field, or says the stored config no
+            longer validates.
+    """
+    try:
+        saved = load_config_text(saved_yaml, source=f"{source} (stored config)", check_paths=False, world_size=1)
+    except ConfigError as e:
+        raise CheckpointConfigMismatch(f"the config stored in {source} does not validate any more:\n{e}") from None
+    diffs = config_differences(saved, current)
+    if diffs:
+        raise CheckpointConfigMismatch(
+            f"{source} was trained with a different model than this run's config:\n  - " + "\n  - ".join(diffs)
+            + "\nRestore those values (or start a new run in another logging.out_dir / with checkpoint.resume=none)."
+        )
+
+
+# ---- files ------------------------------------------------------------------------------------------------------
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _for_safetensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """CPU, contiguous tensors with no shared storage (tied weights are cloned; safetensors refuses them)."""
+    seen: set[int] = set()
+    out: dict[str, Tensor] = {}
+    for name, value in state.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"model_state[{name!r}] is a {type(value).__name__}; model.safetensors holds tensors only")
+        t = value.detach().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes:
+            t = t.contiguous().clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _step_of(path: Path) -> int:
+    m = _FINAL.match(path.name)
+    if m is None:
+        raise CheckpointError(f"{path} is not a checkpoint directory (expected a name like ckpt_00001000)")
+    return int(m.group(1))
+
+
+# ---- the manager ------------------------------------------------------------------------------------------------
+
+class CheckpointManager:
+    """Saves, prunes, verifies and loads the checkpoints of one run directory.
+
+    Args:
+        directory: where ``ckpt_*`` directories live (e.g. ``cfg.logging.out_dir / "checkpoints"``).
+        keep_last: complete checkpoints to keep (``cfg.checkpoint.keep_last``).
+        dist: this process's :class:`~recipes.distributed.DistInfo` (single process when None).
+        config: the run's validated config: stored with every save and compared on load.
+        verify_hash: check sha256 (not just sizes) before loading (``cfg.checkpoint.verify_hash``).
+
+    Example:
+        >>> mgr = CheckpointManager(tmp / "ckpts", keep_last=2, config=cfg)  # doctest: +SKIP
+        >>> mgr.save(100, model.state_dict(), {"optimizer": opt.state_dict()}, generators={"sjfb": g})
+        >>> ckpt = mgr.load("auto")  # None when there is nothing to resume
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        keep_last: int = 3,
+        dist: DistInfo | None = None,
+        *,
+        config: RecipeConfig | None = None,
+        verify_hash: bool = True,
+    ) -> None:
+        if keep_last < 1:
+            raise ValueError(f"CheckpointManager got keep_last={keep_last}; use keep_last >= 1")
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.dist = dist or DistInfo()
+        self.config = config
+        self.verify_hash = verify_hash
+
+    # -- saving --------------------------------------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        model_state: Mapping[str, Tensor],
+        train_state: Mapping[str, Any],
+        *,
+        generators: Mapping[str, torch.Generator] | None = None,
+    ) -> Path:
+        """Write checkpoint ``step`` atomically. Every rank calls this (it synchronises with barriers).
+
+        Args:
+            step: the optimizer step (the directory name).
+            model_state: the full model state dict; read on rank 0 only (pass ``{}`` elsewhere).
+            train_state: optimizer / scheduler / scaler state dicts, epoch, data position ...; read on rank 0
+                only. Keep it to tensors, numbers, strings, lists and dicts (``weights_only`` loading).
+            generators: named generators whose states go into this rank's RNG file with the global RNGs.
+
+        Returns:
+            The final checkpoint directory.
+        """
+        final, tmp = self.directory / f"ckpt_{step:08d}", self.directory / f".ckpt_{step:08d}.tmp"
+        if self.dist.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        barrier()
+        if self.dist.is_main:
+            self._write_main_files(tmp, step, model_state, train_state)
+        _torch_save(capture_rng_state(generators), tmp / f"rng_rank{self.dist.rank}.pt")
+        barrier()
+        if self.dist.is_main:
+            self._finish(tmp, final, step)
+            self.prune()
+        barrier()
+        return final
+
+    def _write_main_files(
+        self, tmp: Path, step: int, model_state: Mapping[str, Tensor], train_state: Mapping[str, Any]
+    ) -> None:
+        config_yaml = None if self.config is None else config_to_yaml(self.config)
+        save_file(_for_safetensors(model_state), str(tmp / MODEL_FILE), metadata={"step": str(step)})
+        _fsync_file(tmp / MODEL_FILE)
+        _torch_save({**train_state, "step": step, "config_yaml": config_yaml, "format_version": FORMAT_VERSION},
+                    tmp / STATE_FILE)
+        if config_yaml is not None:
+            (tmp / CONFIG_FILE).write_text(config_yaml)
+            _fsync_file(tmp / CONFIG_FILE)
+
+    def _finish(self, tmp: Path, final: Path, step: int) -> None:
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        manifest = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.dist.world_size,
+                    "files": files}
+        part = tmp / (MANIFEST_FILE + ".part")
+        part.write_text(json.dumps(manifest, indent=1))
+        _fsync_file(part)
+        os.replace(part, tmp / MANIFEST_FILE)
+        _fsync_dir(tmp)
+        if final.exists():  # re-saving a step: move the old one aside first, delete it after the swap
+            old = self.directory / f".ckpt_{step:08d}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.directory)
+        logger.info("saved checkpoint %s", final)
+
+    def prune(self) -> None:
+        """Delete complete checkpoints beyond the newest ``keep_last`` and leftovers of interrupted saves."""
+        complete = self.complete_checkpoints()
+        newest = _step_of(complete[-1]) if complete else -1
+        for path in complete[: -self.keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("deleted old checkpoint %s (keep_last=%d)", path, self.keep_last)
+        for path in self.directory.iterdir() if self.directory.is_dir() else ():
+            m = _TEMP.match(path.name)
+            if m is not None and int(m.group(1)) < newest:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # -- finding and verifying -----------------------------------------------------------------------------------
+    def complete_checkpoints(self) -> list[Path]:
+        """Final-named checkpoint directories that have a manifest, oldest first (not yet verified)."""
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.iterdir()
+                 if p.is_dir() and _FINAL.match(p.name) and (p / MANIFEST_FILE).is_file()]
+        return sorted(found, key=_step_of)
+
+    def verify(self, path: str | os.PathLike[str]) -> None:
+        """Check that ``path`` is a complete, undamaged checkpoint.
+
+        Raises:
+            CheckpointError: missing directory or manifest, a listed file missing or of the wrong size or
+                hash, or an unreadable safetensors header; the message names the file.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        manifest_path = path / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {manifest_path} is missing (interrupted save?)")
+        try:
+            files = json.loads(manifest_path.read_text())["files"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint manifest {manifest_path} is unreadable ({e})") from None
+        for required in (MODEL_FILE, STATE_FILE):
+            if required not in files:
+                raise CheckpointError(f"checkpoint {path}: {MANIFEST_FILE} does not list {required}")
+        for name, meta in files.items():
+            self._verify_file(path / name, meta)
+        try:
+            with safe_open(str(path / MODEL_FILE), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint file {path / MODEL_FILE} has a bad safetensors header ({e})") from None
+
+    def _verify_file(self, file: Path, meta: Mapping[str, Any]) -> None:
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint file {file} is missing")
+        size = file.stat().st_size
+        if size != meta["size"]:
+            raise CheckpointError(f"checkpoint file {file} has {size} bytes, the manifest says {meta['size']} "
+                                  "(truncated or overwritten)")
+        if self.verify_hash and _sha256(file) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint file {file} does not match its sha256 in the manifest (corrupt)")
+
+    def latest_complete(self) -> Path | None:
+        """The newest checkpoint that verifies; damaged newer ones are logged and skipped."""
+        for path in reversed(self.complete_checkpoints()):
+            try:
+                self.verify(path)
+            except CheckpointError as e:
+                logger.warning("skipping damaged checkpoint: %s; falling back to the previous one", e)
+                continue
+            return path
+        for leftover in sorted(self.directory.glob(".ckpt_*.tmp")) if self.directory.is_dir() else ():
+            logger.warning("ignoring %s: a save that never finished", leftover)
+        return None
+
+    # -- loading -------------------------------------------------------------------------------------------------
+    def load(
+        self, which: str | os.PathLike[str] = "auto", *, model_on_main_only: bool = False
+    ) -> Checkpoint | None:
+        """Load a checkpoint: ``"auto"`` (newest complete, or None), ``"none"`` (None) or a directory.
+
+        Rank 0 chooses and verifies; the other ranks follow its choice. When the manager has a ``config``,
+        the checkpoint's stored config must build the same model.
+
+        Args:
+            which: ``cfg.checkpoint.resume``.
+            model_on_main_only: non-main ranks skip reading the model weights (FSDP2 with
+                ``scatter_full_state``, which broadcasts from rank 0).
+
+        Raises:
+            CheckpointError: an explicit path that is missing, incomplete or corrupt.
+            CheckpointConfigMismatch: the stored config builds a different model.
+        """
+        if str(which) == "none":
+            return None
+        chosen = self._agree(lambda: self._choose(which))
+        if chosen is None:
+            logger.info("no complete checkpoint in %s; starting from scratch", self.directory)
+            return None
+        path = Path(chosen)
+        ckpt = self._read(path, read_model=self.dist.is_main or not model_on_main_only)
+        if self.config is not None and ckpt.config_yaml is not None:
+            check_config_compatible(ckpt.config_yaml, self.config, source=str(path))
+        logger.info("resuming from %s (step %d)", path, ckpt.step)
+        return ckpt
+
+    def _choose(self, which: str | os.PathLike[str]) -> str | None:
+        if str(which) == "auto":
+            found = self.latest_complete()
+            return None if found is None else str(found)
+        self.verify(which)
+        return str(which)
+
+    def _agree(self, choose: Any) -> str | None:
+        """Run ``choose`` on rank 0 and share its answer (or its CheckpointError) with every rank."""
+        if not (self.dist.is_distributed and tdist.is_available() and tdist.is_initialized()):
+            return choose()
+        box: list[Any] = [None]
+        if self.dist.is_main:
+            try:
+                box[0] = ("ok", choose())
+            except CheckpointError as e:
+                box[0] = ("error", str(e))
+        tdist.broadcast_object_list(box, src=0)
+        status, value = box[0]
+        if status == "error":
+            raise CheckpointError(value)
+        return value
+
+    def _read(self, path: Path, *, read_model: bool) -> Checkpoint:
+        try:
+            model_state = load_file(str(path / MODEL_FILE), device="cpu") if read_model else {}
+            train_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+            raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+        rng_file = path / f"rng_rank{self.dist.rank}.pt"
+        rng_state = None
+        if rng_file.is_file():
+            rng_state = torch.load(rng_file, map_location="cpu", weights_only=True)
+        else:
+            logger.warning("%s has no RNG state for rank %d (saved with fewer ranks); keeping fresh seeds",
+                           path, self.dist.rank)
+        return Checkpoint(path=path, step=int(train_state["step"]), model_state=model_state,
+                          train_state=train_state, rng_state=rng_state, config_yaml=train_state.get("config_yaml"))
+
+
+# ---- wrapped models (DDP, FSDP2) -----------------------------------------------------------------------------------
+
+def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[
+    dict[str, Tensor], dict[str, Any]
+]:
+    """Full (unsharded, CPU) model and optimizer state dicts of a DDP/FSDP2/plain model, keyed by parameter
+    name. A collective under FSDP2: every rank calls it; pass the results to :meth:`CheckpointManager.save`
+    (which reads them on rank 0)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = {} if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options)
+    return model_state, optim_state  # type: ignore[return-value]
+
+
+def scatter_full_state(
+    model: nn.Module,
+    model_state: Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+    optim_state: Mapping[str, Any] | None = None,
+) -> None:
+    """Load full state dicts (from :func:`gather_full_state`) into a DDP/FSDP2/plain model and optimizer.
+
+    With a process group, rank 0's dicts are broadcast (other ranks may pass empty dicts, e.g. from
+    ``load(..., model_on_main_only=True)``); without one they are loaded directly.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    grouped = tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=grouped)
+    set_model_state_dict(model, dict(model_state), options=options)
+    if optimizer is not None and optim_state is not None:
+        set_optimizer_state_dict(model, optimizer, dict(optim_state), options=options)

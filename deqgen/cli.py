@@ -12,35 +12,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-import os
 import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from deqgen.images import save_grid
+
 __all__ = ["main"]
-
-
-def _save_grid(path: Path, images: Tensor, nrow: int) -> None:
-    """``(N, C, H, W)`` in [0, 1] -> PNG grid, written atomically (needs Pillow, e.g. via ``deqgen[recipes]``)."""
-    try:
-        from PIL import Image
-    except ImportError:
-        raise SystemExit("error: writing PNGs needs Pillow: pip install 'deqgen[recipes]'") from None
-    n, c, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.ones(c, rows * (h + 2) + 2, nrow * (w + 2) + 2)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[:, 2 + r * (h + 2) : 2 + r * (h + 2) + h, 2 + col * (w + 2) : 2 + col * (w + 2) + w] = images[i]
-    arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8)
-    arr = arr[0].numpy() if c == 1 else arr.permute(1, 2, 0).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def _load_pair(model_dir: str, vqvae_dir: str):  # type: ignore[no-untyped-def]
@@ -113,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "sample":
             labels = torch.tensor(args.classes).repeat_interleave(args.per_class)
             res = generate(model, vae, labels, **kw)  # type: ignore[arg-type]
-            _save_grid(args.out, res.images, nrow=args.per_class)
+            save_grid(args.out, res.images, nrow=args.per_class)
         else:
             side, ch = vae.config.image_size, vae.config.in_channels
             x0, y0, x1, y1 = args.box
@@ -124,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             mask[y0:y1, x0:x1] = True
             res = generate(model, vae, torch.full((args.samples,), args.label),
                            edit=EditSpec(img, ~mask if args.outpaint else mask), **kw)  # type: ignore[arg-type]
-            _save_grid(args.out, torch.cat([(img[:1] + 1) / 2, res.images]), nrow=args.samples + 1)
+            save_grid(args.out, torch.cat([(img[:1] + 1) / 2, res.images]), nrow=args.samples + 1)
         print(f"wrote {args.out}")
         return 0
     except (CheckpointError, ValueError, TypeError, KeyError, FileNotFoundError) as err:

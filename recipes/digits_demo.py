@@ -39,6 +39,7 @@ from deqgen.data.digits import DigitsData, load_digits, split
 from deqgen.evaluation.digits_classifier import class_accuracy, train_digits_classifier
 from deqgen.evaluation.frechet import fid_from_features
 from deqgen.gradients import SJFB
+from deqgen.images import save_grid
 from deqgen.models.viar.config import ImplicitSpec, TransformerConfig
 from deqgen.models.viar.model import NextScaleTransformer, build_model
 from deqgen.models.viar.sampling import generate
@@ -168,25 +169,6 @@ def train_transformer(
     return log
 
 
-def _save_png(path: Path, images: Tensor, nrow: int) -> None:
-    """Grid of ``(N, 1|3, H, W)`` images in [0, 1] as a PNG (matplotlib's writer, no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n, ch, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.ones(ch, rows * (h + 1) + 1, nrow * (w + 1) + 1)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = images[i]
-    arr = grid[0].numpy() if ch == 1 else grid.permute(1, 2, 0).numpy()
-    tmp = path.with_suffix(".tmp.png")
-    plt.imsave(tmp, arr, cmap="gray" if ch == 1 else None, vmin=0.0, vmax=1.0)
-    os.replace(tmp, path)
-
-
 def _save_loss_plot(path: Path, curves: dict[str, list[float]]) -> None:
     import matplotlib
 
@@ -228,7 +210,7 @@ def run(c: DemoConfig, out: Path) -> dict[str, object]:
 
     vae = MultiScaleVQVAE(tokenizer_config(c))
     vae.init_weights(g)
-    tok_losses = train_tokenizer(vae, train, c, g)
+    train_tokenizer(vae, train, c, g)
     idx, feats = tokenize(vae, train.images)
     with torch.no_grad():
         recon_mse = float(F.mse_loss(vae.indices_to_img(list(idx[:500].split([p * p for p in c.patch_nums], 1))),
@@ -277,7 +259,7 @@ def run(c: DemoConfig, out: Path) -> dict[str, object]:
     n = c.samples_per_class
     cols = min(n, 10)
     rows = [torch.cat([grids[0][k * n : k * n + cols], grids[1][k * n : k * n + cols]]) for k in range(10)]
-    _save_png(out / "grid.png", torch.cat(rows), nrow=2 * cols)
+    save_grid(out / "grid.png", torch.cat(rows), nrow=2 * cols, pad=1)
     _save_loss_plot(out / "loss.png", curves)
     metrics["wall_seconds"] = time.perf_counter() - t_start
     metrics["config"] = dataclasses.asdict(c)

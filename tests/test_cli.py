@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("PIL")
 
-from deqgen.cli import _save_grid, main  # noqa: E402
+from deqgen.cli import main  # noqa: E402
+from deqgen.images import save_grid  # noqa: E402
 from deqgen.models.viar.convert import save_converted  # noqa: E402
 from deqgen.models.viar.model import build_model  # noqa: E402
 from deqgen.models.viar.vqvae import VQVAE_PRESETS, MultiScaleVQVAE  # noqa: E402
@@ -34,7 +35,7 @@ def test_sample_writes_a_png(dirs: tuple[Path, Path], tmp_path: Path) -> None:
 
 def test_edit_writes_input_and_edits(dirs: tuple[Path, Path], tmp_path: Path) -> None:
     src = tmp_path / "in.png"
-    _save_grid(src, torch.rand(1, 3, 60, 60), nrow=1)
+    save_grid(src, torch.rand(1, 3, 60, 60), nrow=1)
     out = tmp_path / "edit.png"
     rc = main(["edit", str(dirs[0]), "--vqvae", str(dirs[1]), "--image", str(src), "--box", "16", "16", "48", "48",
                "--class", "3", "--samples", "2", "--out", str(out), "--solver", "anderson", "--schedule",

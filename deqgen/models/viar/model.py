@@ -172,7 +172,7 @@ class NextScaleTransformer(nn.Module):
         """Class embedding ``(B,) -> (B, C)``; label ``num_classes`` is the null class."""
         if labels.dtype != torch.long:
             raise TypeError(f"labels must be int64 class indices (B,), got {labels.dtype}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
+        if bool(((labels < 0) | (labels > self.num_classes)).any()):  # one host sync per call
             raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class)")
         return self.class_emb(labels)
 

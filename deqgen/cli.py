@@ -1,11 +1,13 @@
-"""The ``deqgen`` command: ``convert``, ``sample`` and ``edit`` (training lives in ``recipes/``).
+"""The ``deqgen`` command: ``train``, ``convert``, ``sample`` and ``edit``.
 
+    deqgen train recipes/mnist_cpu.yaml --set training.max_steps=100 --resume auto
+    torchrun --standalone --nproc_per_node=8 -m deqgen train recipes/viar_imagenet.yaml --set data.root=/data/in1k
     deqgen convert viar.pth ckpt/viar_d30
     deqgen sample ckpt/viar_d30 --vqvae ckpt/vae --classes 207 360 --schedule linear:10:5:floor --out grid.png
     deqgen edit ckpt/viar_d30 --vqvae ckpt/vae --image in.png --box 64 64 192 192 --class 980 --out edit.png
 
-Errors (bad arguments, unreadable checkpoints) print one line to stderr and exit with code 2; nothing is
-written then.
+Errors (bad arguments, an invalid recipe, unreadable checkpoints) print to stderr and exit with code 2;
+nothing is written then. ``train`` validates the whole recipe before it creates the run directory.
 """
 
 from __future__ import annotations
@@ -52,9 +54,48 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="PNG path")
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config_path", nargs="?", metavar="CONFIG", help="recipe YAML, e.g. recipes/mnist_cpu.yaml")
+    p.add_argument("--config", dest="config_flag", metavar="PATH", help="recipe YAML (instead of CONFIG)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optim.lr_per_256=1e-4 (repeatable)")
+    p.add_argument("--resume", metavar="auto|none|PATH",
+                   help="sets checkpoint.resume: the newest complete checkpoint, none, or a checkpoint directory")
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Validate the recipe (exit 2 on any error, before anything is written), then run the training loop."""
+    import json
+
+    from deqgen.recipes.config import ConfigError, load_config
+
+    a, b = args.config_path, args.config_flag
+    if a is not None and b is not None and a != b:
+        print(f"error: two configs given ({a!r} and --config {b!r}); give one", file=sys.stderr)
+        return 2
+    path = a if a is not None else b
+    if path is None:
+        print("error: 'train' needs a recipe: give CONFIG or --config PATH", file=sys.stderr)
+        return 2
+    overrides = list(args.overrides)
+    if args.resume is not None:  # a quoted YAML string keeps paths verbatim
+        overrides.append(f"checkpoint.resume={json.dumps(args.resume)}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        cfg = load_config(path, overrides, device=device)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from deqgen.recipes.train import main as train_main
+
+    return int(train_main(cfg) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 success, 2 usage/config/checkpoint errors)."""
     ap = argparse.ArgumentParser(prog="deqgen", description="deqgen command line")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    _train_args(sub.add_parser("train", help="train a recipe YAML: tokenizer (if asked), model, baseline; resumable"))
     c = sub.add_parser("convert", help="official VAR / VIAR / VQVAE .pth -> deqgen safetensors + config.json")
     c.add_argument("src")
     c.add_argument("dst")
@@ -72,7 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--outpaint", action="store_true", help="regenerate outside the box instead of inside")
     e.add_argument("--class", dest="label", type=int, required=True)
     e.add_argument("--samples", type=int, default=4)
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2), already printed by argparse
+        return int(exit_.code or 0)
+    if args.cmd == "train":
+        return _train(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from deqgen.models.viar.convert import CheckpointError, convert_checkpoint

@@ -13,7 +13,9 @@ Steps, top to bottom:
    same width (6 blocks) on the same tokens, same steps, same optimiser;
 4. sample a labelled grid from each (linear schedule 4 -> 2 for VIAR), score the samples with the
    classifier (class accuracy) and a Frechet distance in its feature space against held-out real digits;
-5. write ``grid.png``, ``loss.png``, ``metrics.json``, and each model's weights as safetensors.
+5. write ``grid.png``, ``loss.png``, ``metrics.json``, ``run.json`` (seed, data, split), the classifier, and
+   ``tokenizer/``, ``viar/``, ``var/`` as safetensors + config.json directories that ``deqgen sample`` and
+   ``deqgen report`` read.
 
 ``--preset long`` trains 4x longer for better samples. Everything random comes from one seed.
 """
@@ -190,13 +192,11 @@ def _save_loss_plot(path: Path, curves: dict[str, list[float]]) -> None:
     os.replace(tmp, path)
 
 
-def _save_weights(path: Path, model: torch.nn.Module, config: object) -> None:
-    from safetensors.torch import save_file
+def _save_weights(path: Path, model: torch.nn.Module, kind: str, config: object) -> None:
+    """``path/model.safetensors`` + ``path/config.json`` (atomic; read back with ``load_converted``)."""
+    from deqgen.models.viar.convert import save_converted
 
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={"config": json.dumps(dataclasses.asdict(config))})  # type: ignore[call-overload]
-    os.replace(tmp, path)
+    save_converted(path, model.state_dict(), kind, config)
 
 
 def run(c: DemoConfig, out: Path) -> dict[str, object]:
@@ -215,10 +215,15 @@ def run(c: DemoConfig, out: Path) -> dict[str, object]:
     with torch.no_grad():
         recon_mse = float(F.mse_loss(vae.indices_to_img(list(idx[:500].split([p * p for p in c.patch_nums], 1))),
                                      train.images[:500]))
-    _save_weights(out / "tokenizer.safetensors", vae, tokenizer_config(c))
+    _save_weights(out / "tokenizer", vae, "vqvae", tokenizer_config(c))
 
     clf = train_digits_classifier(held.images, held.labels, epochs=c.classifier_epochs, generator=g)
     real_feats = clf.features(held.images).detach()
+    clf.save(out / "classifier.safetensors")
+    run_info = {"seed": c.seed, "data_source": data.source, "side": c.side, "split": [0.8, 0.2],
+                "split_note": "split(load_digits(data_source, side=side), split, Generator().manual_seed(seed)); "
+                              "part 0 trains the generators, part 1 the classifier and the FID reference"}
+    (out / "run.json").write_text(json.dumps(run_info, indent=2))
 
     labels = torch.arange(10).repeat_interleave(c.samples_per_class)
     metrics: dict[str, object] = {"data": data.source, "tokenizer_recon_mse": recon_mse,
@@ -250,7 +255,7 @@ def run(c: DemoConfig, out: Path) -> dict[str, object]:
         }
         curves[name.upper()] = [r["loss"] for r in log]
         grids.append(res.images)
-        _save_weights(out / f"{name}.safetensors", model, cfg)
+        _save_weights(out / name, model, name, cfg)
         with open(out / f"{name}_train_log.jsonl", "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in log)
     # the floor: real training digits (all classes, 4x more images) against the held-out ones

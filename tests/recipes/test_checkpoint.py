@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from recipes.checkpoint import (
+from deqgen.recipes.checkpoint import (
     MANIFEST_FILE,
     MODEL_FILE,
     CheckpointConfigMismatch,
@@ -22,8 +22,8 @@ from recipes.checkpoint import (
     capture_rng_state,
     restore_rng_state,
 )
-from recipes.config import load_config
-from recipes.distributed import DistInfo
+from deqgen.recipes.config import load_config
+from deqgen.recipes.distributed import DistInfo
 
 MNIST = Path(__file__).resolve().parents[2] / "recipes" / "mnist_cpu.yaml"
 
@@ -134,7 +134,7 @@ def test_truncated_newest_falls_back_and_explicit_path_raises(
     _save_steps(mgr, [1, 2])
     newest = tmp_path / "ckpt_00000002" / MODEL_FILE
     newest.write_bytes(newest.read_bytes()[:-7])
-    with caplog.at_level(logging.WARNING, logger="recipes.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="deqgen.recipes.checkpoint"):
         ckpt = mgr.load("auto")
     assert ckpt is not None and ckpt.step == 1
     assert "skipping damaged checkpoint" in caplog.text and str(newest) in caplog.text
@@ -188,7 +188,7 @@ def _worker(rank: int, store: str, directory: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from recipes.checkpoint import gather_full_state, scatter_full_state
+    from deqgen.recipes.checkpoint import gather_full_state, scatter_full_state
 
     # A FileStore, not tcp://: with a TCPStore the rank hosting it sometimes aborts at interpreter exit
     # ("terminate called without an active exception", about 1 run in 15 under pytest), after the test passed.

@@ -14,8 +14,8 @@ from pydantic import ValidationError
 
 from deqgen.gradients import JFB, SJFB
 from deqgen.models.viar.config import PRESETS, TransformerConfig
-from recipes.cli import main
-from recipes.config import (
+from deqgen.cli import main
+from deqgen.recipes.config import (
     ConfigError,
     RecipeConfig,
     build_baseline_config,
@@ -95,7 +95,7 @@ def test_tokenizer_module_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_schema_mirrors_the_library_dataclasses() -> None:
     from deqgen.models.viar.config import ImplicitSpec
-    from recipes.config import ImplicitSection, ModelSection, TokenizerSection
+    from deqgen.recipes.config import ImplicitSection, ModelSection, TokenizerSection
 
     assert {f.name for f in dataclasses.fields(TransformerConfig)} <= set(ModelSection.model_fields)
     assert {f.name for f in dataclasses.fields(ImplicitSpec)} == set(ImplicitSection.model_fields)
@@ -268,29 +268,15 @@ def test_unknown_tokenizer_preset_lists_presets() -> None:
 def test_cli_dispatches_a_valid_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     seen: dict[str, Any] = {}
 
-    def fake_main(cfg: RecipeConfig, args: Any) -> int:
-        seen.update(cfg=cfg, args=args)
+    def fake_main(cfg: RecipeConfig) -> int:
+        seen.update(cfg=cfg)
         return 0
 
-    monkeypatch.setitem(sys.modules, "recipes.train", types.SimpleNamespace(main=fake_main))
+    monkeypatch.setitem(sys.modules, "deqgen.recipes.train", types.SimpleNamespace(main=fake_main))
     rc = main(["train", str(MNIST), "--set", "training.max_steps=5", "--resume", "none",
                "--set", f"logging.out_dir={tmp_path / 'run'}"])
     assert rc == 0
     assert seen["cfg"].training.max_steps == 5 and seen["cfg"].checkpoint.resume == "none"
-    assert seen["args"].extra == []
-
-
-def test_cli_forwards_extra_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: dict[str, Any] = {}
-    monkeypatch.setitem(sys.modules, "recipes.sample", types.SimpleNamespace(main=lambda c, a: seen.update(a=a)))
-    assert main(["sample", "--config", str(MNIST), "--out", "grid.png"]) == 0
-    assert seen["a"].extra == ["--out", "grid.png"]
-
-
-def test_cli_missing_command_module(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setitem(sys.modules, "recipes.evaluate", None)
-    assert main(["eval", "--config", str(MNIST)]) == 1
-    assert "not available in this build" in capsys.readouterr().err
 
 
 def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -306,7 +292,7 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_resume_path_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     seen: dict[str, Any] = {}
-    monkeypatch.setitem(sys.modules, "recipes.train", types.SimpleNamespace(main=lambda c, a: seen.update(c=c)))
+    monkeypatch.setitem(sys.modules, "deqgen.recipes.train", types.SimpleNamespace(main=lambda c: seen.update(c=c)))
     assert main(["train", str(MNIST), "--resume", str(tmp_path / "missing: dir")]) == 2
     assert "checkpoint.resume" in capsys.readouterr().err
     ckpt = tmp_path / "ckpt: 1"
@@ -319,7 +305,7 @@ def test_imagenet_recipe_builds_viar_d30_with_the_official_parameter_count() -> 
     import torch
 
     from deqgen.models.viar.model import build_model
-    from recipes.config import build_model_config, load_config
+    from deqgen.recipes.config import build_model_config, load_config
 
     cfg = load_config(IMAGENET, check_paths=False)
     with torch.device("meta"):

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from recipes.distributed import (
+from deqgen.recipes.distributed import (
     DistInfo,
     DistributedBatchSampler,
     all_reduce_mean,
@@ -20,7 +20,7 @@ from recipes.distributed import (
     seed_for_rank,
     shared_seed,
 )
-from recipes.logging_utils import (
+from deqgen.recipes.logging_utils import (
     JsonlSink,
     MetricLogger,
     NullProgress,

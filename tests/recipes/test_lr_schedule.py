@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from recipes.config import load_config
-from recipes.lr_schedule import (
+from deqgen.recipes.config import load_config
+from deqgen.recipes.lr_schedule import (
     LRSchedule,
     WDSchedule,
     apply_schedules,

@@ -44,7 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from recipes.config import (
+from deqgen.recipes.config import (
     ConfigError,
     RecipeConfig,
     build_baseline_config,
@@ -52,7 +52,7 @@ from recipes.config import (
     config_to_yaml,
     load_config_text,
 )
-from recipes.distributed import DistInfo, barrier
+from deqgen.recipes.distributed import DistInfo, barrier
 
 __all__ = [
     "Checkpoint",
@@ -274,7 +274,7 @@ class CheckpointManager:
     Args:
         directory: where ``ckpt_*`` directories live (e.g. ``cfg.logging.out_dir / "checkpoints"``).
         keep_last: complete checkpoints to keep (``cfg.checkpoint.keep_last``).
-        dist: this process's :class:`~recipes.distributed.DistInfo` (single process when None).
+        dist: this process's :class:`~deqgen.recipes.distributed.DistInfo` (single process when None).
         config: the run's validated config: stored with every save and compared on load.
         verify_hash: check sha256 (not just sizes) before loading (``cfg.checkpoint.verify_hash``).
 

@@ -3,7 +3,7 @@
 Distributed facts travel as a frozen :class:`DistInfo` value; nothing here keeps module state. Launch with
 torchrun (it sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``)::
 
-    torchrun --standalone --nproc_per_node=2 -m recipes.cli train --config recipes/mnist_cpu.yaml
+    torchrun --standalone --nproc_per_node=2 -m deqgen train recipes/mnist_cpu.yaml
 
 Without those variables :func:`init_distributed` returns a single-process ``DistInfo`` and creates no group.
 """

@@ -3,7 +3,7 @@
 :func:`make_metric_logger` returns a :class:`MetricLogger` that fans ``log(step, metrics)`` out to sinks:
 stdout (through :mod:`logging`), a JSONL file (one JSON object per line, flushed each time) and optionally
 TensorBoard. Ranks other than 0 get a logger with no sinks, so call sites never test the rank. Average
-values over ranks first (:func:`recipes.distributed.all_reduce_mean`). :func:`progress_bar` gives a tqdm
+values over ranks first (:func:`deqgen.recipes.distributed.all_reduce_mean`). :func:`progress_bar` gives a tqdm
 bar on a terminal and a no-op otherwise.
 
 The module is named ``logging_utils`` so it never shadows the standard :mod:`logging`.
@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from recipes.distributed import DistInfo
+from deqgen.recipes.distributed import DistInfo
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -152,7 +152,7 @@ def make_metric_logger(logging_cfg: Any, info: DistInfo, out_dir: str | Path | N
     """The sinks a recipe's ``logging`` section asks for, on rank 0 only.
 
     Args:
-        logging_cfg: :class:`recipes.config.LoggingSection` (``jsonl``, ``tensorboard``, ``out_dir``).
+        logging_cfg: :class:`deqgen.recipes.config.LoggingSection` (``jsonl``, ``tensorboard``, ``out_dir``).
         info: this process's :class:`DistInfo`.
         out_dir: where ``metrics.jsonl`` and ``tb/`` go (default ``logging_cfg.out_dir``).
     """

@@ -86,9 +86,14 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from deqgen.recipes.checkpoint import CheckpointConfigMismatch, CheckpointError
     from deqgen.recipes.train import main as train_main
 
-    return int(train_main(cfg) or 0)
+    try:
+        return int(train_main(cfg) or 0)
+    except (CheckpointError, CheckpointConfigMismatch) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -564,6 +564,9 @@ def _run_errors(cfg: RecipeConfig, world_size: int, device: str | None) -> list[
         out.append(_err("training.epochs", t.epochs, "set exactly one of training.epochs and training.max_steps"))
     if cfg.optim.warmup_epochs is not None and cfg.optim.warmup_steps is not None:
         out.append(_err("optim.warmup_epochs", cfg.optim.warmup_epochs, "set warmup_epochs or warmup_steps, not both"))
+    if t.max_steps is not None and cfg.optim.warmup_steps is not None and cfg.optim.warmup_steps >= t.max_steps:
+        out.append(_err("optim.warmup_steps", cfg.optim.warmup_steps,
+                        f"must be below training.max_steps = {t.max_steps}"))
     if cfg.precision.dtype == "fp16" and device is not None and not str(device).startswith("cuda"):
         out.append(_err("precision.dtype", "fp16", f"fp16 is not supported on device {device!r}; use bf16 or fp32"))
     num_scales = len(cfg.model.patch_nums)

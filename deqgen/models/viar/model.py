@@ -216,7 +216,12 @@ class NextScaleTransformer(nn.Module):
 
     # ---- training forward ------------------------------------------------------------------------------
     def forward(
-        self, labels: Tensor, feats_BlCv: Tensor, *, generator: torch.Generator | None = None
+        self,
+        labels: Tensor,
+        feats_BlCv: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        shared_generator: torch.Generator | None = None,
     ) -> tuple[Tensor, TrunkStats]:
         """Teacher-forced forward over the whole pyramid.
 
@@ -224,7 +229,10 @@ class NextScaleTransformer(nn.Module):
             labels: ``(B,)`` int64 class indices. In training each is replaced by the null class with
                 probability ``cfg.cond_drop_prob`` (never in eval mode).
             feats_BlCv: ``(B, L - first_l, Cvae)`` teacher-forcing input from the tokenizer.
-            generator: random source for label dropout, drop masks and the gradient method's draws.
+            generator: random source for label dropout, drop masks and (without ``shared_generator``) the
+                gradient method's draws.
+            shared_generator: random source for the gradient method's draws only (S-JFB's ``k1``, ``k2``);
+                data-parallel training gives every rank the same stream so all ranks run the same counts.
 
         Returns:
             ``(logits (B, L, V) float32, trunk stats)``.
@@ -240,7 +248,8 @@ class NextScaleTransformer(nn.Module):
         cond = self.condition(labels)
         x = self.embed(cond, feats_BlCv)
         L = x.shape[1]
-        x, stats = self.trunk(x, self.block_condition(cond), mask=self.attn_bias[:L, :L].to(x.dtype), generator=generator)
+        x, stats = self.trunk(x, self.block_condition(cond), mask=self.attn_bias[:L, :L].to(x.dtype),
+                              generator=generator, shared_generator=shared_generator)
         return self.logits(x, cond), stats
 
     # ---- cached (sampling) forward ---------------------------------------------------------------------

@@ -107,9 +107,16 @@ class ExplicitTrunk(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def forward(
-        self, x_BLC: Tensor, cond: Tensor, *, mask: Tensor | None, generator: torch.Generator | None = None
+        self,
+        x_BLC: Tensor,
+        cond: Tensor,
+        *,
+        mask: Tensor | None,
+        generator: torch.Generator | None = None,
+        shared_generator: torch.Generator | None = None,
     ) -> tuple[Tensor, TrunkStats]:
-        """Teacher-forced pass: ``(B, L, C) -> (B, L, C)`` with the block-causal ``mask``."""
+        """Teacher-forced pass: ``(B, L, C) -> (B, L, C)`` with the block-causal ``mask``
+        (``shared_generator`` is unused: VAR has no gradient-method draws)."""
         return _run_blocks(self.blocks, x_BLC, cond, mask, None, 0, generator), TrunkStats()
 
     def new_cache(self, policy: CachePolicy = "iteration", missing: MissingPolicy = "last") -> TrunkCache:
@@ -230,17 +237,26 @@ class ImplicitTrunk(nn.Module):
                 weight_norm(mod, name="weight", dim=0)
 
     def forward(
-        self, x_BLC: Tensor, cond: Tensor, *, mask: Tensor | None, generator: torch.Generator | None = None
+        self,
+        x_BLC: Tensor,
+        cond: Tensor,
+        *,
+        mask: Tensor | None,
+        generator: torch.Generator | None = None,
+        shared_generator: torch.Generator | None = None,
     ) -> tuple[Tensor, TrunkStats]:
         """Teacher-forced pass ``(B, L, C) -> (B, L, C)``.
 
-        In training the implicit block's drop masks are drawn once here and reused at every iteration, and
-        ``generator`` feeds both those masks and the gradient method's draws (S-JFB's ``k1``, ``k2``).
+        In training the implicit block's drop masks are drawn once here (from ``generator``) and reused at
+        every iteration. The gradient method's draws (S-JFB's ``k1``, ``k2``) come from ``shared_generator``
+        when given (data-parallel training passes one stream that is identical on every rank), else from
+        ``generator``.
         """
         u = _run_blocks(self.pre_blocks, x_BLC, cond, mask, None, 0, generator)
         blk = self.map.block
         masks = blk.draw_masks(u, generator) if self.training and torch.is_grad_enabled() else None
-        z, info = self.implicit(ImplicitInput(u, cond, mask, masks), u, generator=generator)
+        z, info = self.implicit(ImplicitInput(u, cond, mask, masks), u,
+                                generator=generator if shared_generator is None else shared_generator)
         out = _run_blocks(self.post_blocks, z, cond, mask, None, 0, generator)
         return out, TrunkStats(info.forward, info.no_grad_steps, info.grad_steps)
 

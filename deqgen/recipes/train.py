@@ -87,7 +87,7 @@ from deqgen.recipes.logging_utils import (
 from deqgen.recipes.lr_schedule import apply_schedules, build_schedules, param_groups
 from deqgen.recipes.tokens import load_tokenizer, teacher_forcing, tokenize, train_tokenizer
 
-__all__ = ["TrainResult", "main", "run"]
+__all__ = ["TrainResult", "image_folder", "main", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,18 +190,30 @@ def _tokens_and_data(cfg: RecipeConfig, info: DistInfo, out: Path) -> tuple[Mult
         vae = _trained_tokenizer(cfg, info, out, tok_cfg, images)
     vae = vae.to(info.device)
 
+    if cfg.data.pretokenized is not None:  # token pyramids written once by ``deqgen pretokenize``
+        from deqgen.recipes.tokens import PretokenizedDataset
+
+        tokens = PretokenizedDataset(cfg.data.pretokenized, vae)
+        logger.info("data: %d pre-tokenized images from %s", len(tokens), cfg.data.pretokenized)
+        return vae, tokens
     if images is not None:  # small, in-memory data: tokenize once
         assert labels is not None
         return vae, TensorDataset(tokenize(vae, images.to(info.device)).cpu(), labels)
-    from deqgen.data.image_folder import ImageFolder
-
-    assert cfg.data.root is not None  # enforced by the schema
-    d = cfg.data
-    folder = ImageFolder(d.root / "train", image_size=d.image_size, resize_shorter_side=d.resize_shorter_side,
-                         interpolation=d.interpolation, random_crop=d.random_crop, hflip=d.hflip,
-                         seed=cfg.training.seed)
+    folder = image_folder(cfg, "train")
     logger.info("data: %d images in %d classes under %s", len(folder), len(folder.classes), folder.root)
     return vae, folder
+
+
+def image_folder(cfg: RecipeConfig, split: str = "train", *, random_crop: bool | None = None) -> Any:
+    """The recipe's :class:`~deqgen.data.image_folder.ImageFolder` of ``data.root / split``."""
+    from deqgen.data.image_folder import ImageFolder
+
+    d = cfg.data
+    if d.root is None:
+        raise ValueError("data.root is not set: image-folder data needs data.root (with train/ inside)")
+    return ImageFolder(d.root / split, image_size=d.image_size, resize_shorter_side=d.resize_shorter_side,
+                       interpolation=d.interpolation, random_crop=d.random_crop if random_crop is None else random_crop,
+                       hflip=d.hflip, seed=cfg.training.seed)
 
 
 def _trained_tokenizer(

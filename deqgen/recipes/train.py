@@ -292,10 +292,10 @@ def _train_one(
         raise ValueError(f"optim.warmup_steps/warmup_epochs give {warmup} warmup steps, not fewer than the run's "
                          f"{total} optimizer steps ({steps_per_epoch} per epoch): shorten the warmup")
     lr_at, wd_at = build_schedules(cfg.optim, t.global_batch_size, total, warmup)
+    wrapped = _wrap(model, cfg, info)  # before the optimizer: FSDP2 replaces the parameters by sharded ones
     groups = param_groups(model, cfg.optim.no_weight_decay, cfg.optim.no_weight_decay_1d)
     fused = cfg.optim.fused and info.device.type == "cuda"
     opt = torch.optim.AdamW(groups, lr=lr_at(0), betas=cfg.optim.betas, eps=cfg.optim.eps, fused=fused or None)
-    wrapped = _wrap(model, cfg, info)
     scaler = torch.amp.GradScaler(info.device.type, init_scale=cfg.precision.grad_scaler_init_scale,
                                   growth_interval=cfg.precision.grad_scaler_growth_interval,
                                   enabled=cfg.precision.dtype == "fp16")

@@ -88,23 +88,28 @@ def test_tiny_run_lowers_the_loss_and_writes_everything(tokenizer_dir: Path, tmp
     assert len({(r["k1"], r["k2"]) for r in rows}) > 1  # drawn, not fixed
 
 
-def test_two_rank_ddp_equals_one_process_with_the_same_global_batch(tokenizer_dir: Path, tmp_path: Path) -> None:
+def test_two_ranks_equal_one_process_with_the_same_global_batch(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """DDP and FSDP2 over 2 gloo ranks (1 micro-batch each) vs 1 process (2 accumulated micro-batches)."""
     # label dropout and drop-path come from per-rank streams, so they are off; S-JFB's k1, k2 stay random
     # (drawn once per optimizer step from the shared stream)
-    common = ("training.max_steps=2", "optim.warmup_steps=1", "model.cond_drop_prob=0", "model.drop_path_rate=0", "checkpoint.every_n_steps=null")
-    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("training.max_steps=2", "optim.warmup_steps=1", "model.cond_drop_prob=0", "model.drop_path_rate=0",
+              "checkpoint.every_n_steps=null")
+    one = tmp_path / "one"
     r1 = subprocess.run(_cli(_tiny(one, tokenizer_dir, *common)), env=_env(), capture_output=True, text=True,
                         timeout=300)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = subprocess.run(_cli(_tiny(two, tokenizer_dir, *common), torchrun=2), env=_env(), capture_output=True,
-                        text=True, timeout=300)
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    w1, w2 = _weights(one / "viar"), _weights(two / "viar")
-    assert w1.keys() == w2.keys()
-    worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
-    assert worst <= 1e-6, worst
-    l1, l2 = _losses(one), _losses(two)
-    assert [s for s, _ in l1] == [1, 2] and all(abs(a[1] - b[1]) <= 1e-6 for a, b in zip(l1, l2))
+    w1, l1 = _weights(one / "viar"), _losses(one)
+    assert [s for s, _ in l1] == [1, 2]
+    for strategy in ("ddp", "fsdp2"):
+        two = tmp_path / strategy
+        r2 = subprocess.run(_cli(_tiny(two, tokenizer_dir, *common, f"distributed.strategy={strategy}"), torchrun=2),
+                            env=_env(), capture_output=True, text=True, timeout=300)
+        assert r2.returncode == 0, r2.stderr[-3000:]
+        w2, l2 = _weights(two / "viar"), _losses(two)
+        assert w1.keys() == w2.keys()
+        worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+        assert worst <= 1e-6, (strategy, worst)
+        assert all(abs(a[1] - b[1]) <= 1e-6 for a, b in zip(l1, l2, strict=True)), (strategy, l1, l2)
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,8 @@ class TrainResult:
         export_dir: the ``load_converted`` directory of the final weights.
         losses: ``(step, loss)`` of every logged step of the whole run (rank 0; read from the metrics file).
         seconds: wall time of this process's training (not counting earlier, resumed-from runs).
+        samples: rank 0: the ``sampling`` grid's images ``(N, C, H, W)`` in ``[0, 1]``, class-major.
+        sample_labels: their classes ``(N,)``.
     """
 
     role: str
@@ -115,6 +117,8 @@ class TrainResult:
     export_dir: Path
     losses: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
+    samples: Tensor | None = None
+    sample_labels: Tensor | None = None
 
 
 def main(cfg: RecipeConfig) -> int:
@@ -537,7 +541,9 @@ def _sample_grid(cfg: RecipeConfig, info: DistInfo, model: NextScaleTransformer,
     seconds = time.perf_counter() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(path, res.images.cpu(), nrow=s.samples_per_class)
-    return {"images": res.images.cpu(), "sample_images_per_s": labels.numel() / seconds, "kv_cache_bytes": res.kv_bytes}
+    return {"images": res.images.cpu(), "labels": labels.cpu(), "sample_images_per_s": labels.numel() / seconds,
+            "kv_cache_bytes": res.kv_bytes,
+            "implicit_iterations_per_scale": [float(st.iterations.float().mean()) for st in res.stats]}
 
 
 def _summarize(cfg: RecipeConfig, out: Path, vae: MultiScaleVQVAE, results: list[TrainResult]) -> None:
@@ -551,13 +557,15 @@ def _summarize(cfg: RecipeConfig, out: Path, vae: MultiScaleVQVAE, results: list
         model = load_converted(r.export_dir)
         assert isinstance(model, NextScaleTransformer)
         s = _sample_grid(cfg, DistInfo(), model, vae.cpu(), out / "samples" / f"{r.name}.png")
-        grids.append(s.pop("images"))
+        r.samples, r.sample_labels = s.pop("images"), s.pop("labels")
+        grids.append(r.samples)
         tail = [loss for _, loss in r.losses[-max(1, len(r.losses) // 10):]]
         summary[r.name] = {"role": r.role, "parameters": r.parameters, "steps": r.steps, "train_seconds": r.seconds,
                            "final_loss": sum(tail) / len(tail) if tail else None, **s}
     n = cfg.sampling.samples_per_class
-    rows = [torch.cat([g[k * n : (k + 1) * n] for g in grids]) for k in range(grids[0].shape[0] // n)]
-    save_grid(out / "grid.png", torch.cat(rows), nrow=n * len(grids), pad=1)
+    cols = min(n, 10)  # at most 10 per model and class side by side
+    rows = [torch.cat([g[k * n : k * n + cols] for g in grids]) for k in range(grids[0].shape[0] // n)]
+    save_grid(out / "grid.png", torch.cat(rows), nrow=cols * len(grids), pad=1)
     _loss_plot(out / "loss.png", {r.name: r.losses for r in results})
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))

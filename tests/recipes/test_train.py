@@ -73,13 +73,14 @@ def _weights(export: Path) -> dict[str, torch.Tensor]:
 def test_tiny_run_lowers_the_loss_and_writes_everything(tokenizer_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cfg = load_config(MNIST, _tiny(out, tokenizer_dir, "training.max_steps=24", "optim.lr_per_256=4e-2",
-                                   "checkpoint.every_n_steps=12"), device="cpu")
+                                   "checkpoint.every_n_steps=12", "evaluation.every_n_steps=12"), device="cpu")
     (result,) = run(cfg)
     losses = [loss for _, loss in _losses(out)]
     assert len(losses) == 24 and result.steps == 24 and result.name == "viar"
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses  # from ~ln(64) = 4.16
     for name in ("grid.png", "loss.png", "metrics.json", "config.yaml", "viar/model.safetensors",
-                 "checkpoints/model/ckpt_00000012/MANIFEST.json", "checkpoints/model/ckpt_00000024/MANIFEST.json"):
+                 "checkpoints/model/ckpt_00000012/MANIFEST.json", "checkpoints/model/ckpt_00000024/MANIFEST.json",
+                 "samples/model_step00000012.png", "samples/model_step00000024.png", "model_metrics.jsonl"):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["viar"]["parameters"] == result.parameters and summary["viar"]["kv_cache_bytes"] > 0

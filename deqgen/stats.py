@@ -25,6 +25,7 @@ class Status(enum.IntEnum):
 
     @property
     def message(self) -> str:
+        """A readable explanation of this status, with a hint about what to change when it is a failure."""
         return _MESSAGES[self]
 
 

@@ -179,6 +179,7 @@ class SampleChunk:
 
     @property
     def filename(self) -> str:
+        """The shard's file name, ``shard_{start:08d}_{stop:08d}.npz``."""
         return f"shard_{self.start:08d}_{self.stop:08d}.npz"
 
 

@@ -54,9 +54,13 @@ def _scalar(value: Any) -> float | int | str | None:
 class MetricSink(Protocol):
     """Something that records scalar metrics at a step."""
 
-    def log(self, step: int, metrics: Mapping[str, Any]) -> None: ...
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record ``metrics`` (numbers, 0-d tensors or strings, keyed by name) at optimizer step ``step``."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Flush and release the sink's file or writer; no ``log`` calls may follow."""
+        ...
 
 
 class StdoutSink:
@@ -66,6 +70,7 @@ class StdoutSink:
         self._log = log or logging.getLogger("recipes.metrics")
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Emit one INFO line; floats are printed with 4 significant digits, other values as they are."""
         parts = [f"step {step}"]
         for key, value in metrics.items():
             v = _scalar(value)
@@ -73,7 +78,7 @@ class StdoutSink:
         self._log.info(" | ".join(parts))
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the lines go through :mod:`logging`."""
 
 
 class JsonlSink:
@@ -85,11 +90,13 @@ class JsonlSink:
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Append one JSON line; 0-d tensors become numbers and NaN/inf become ``null``."""
         record = {"step": step, "time": round(time.time(), 3), **{k: _scalar(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
     def close(self) -> None:
+        """Close the file."""
         self._file.close()
 
 
@@ -111,6 +118,7 @@ class TensorBoardSink:
         self._writer = SummaryWriter(log_dir=str(log_dir))
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Add each finite number in ``metrics`` at ``step``; strings, booleans and NaN/inf are skipped."""
         for key, value in metrics.items():
             v = _scalar(value)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -118,6 +126,7 @@ class TensorBoardSink:
         self._writer.flush()
 
     def close(self) -> None:
+        """Close the event file."""
         self._writer.close()
 
 
@@ -136,6 +145,7 @@ class MetricLogger:
             sink.log(step, metrics)
 
     def close(self) -> None:
+        """Close every sink."""
         for sink in self.sinks:
             sink.close()
 
@@ -191,13 +201,13 @@ class NullProgress:
     """The do-nothing progress bar used off rank 0, without a terminal, or without tqdm."""
 
     def update(self, n: int = 1) -> None:
-        pass
+        """Ignore ``n`` steps of progress (tqdm's ``update``)."""
 
     def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-        pass
+        """Ignore the values tqdm would show after the bar."""
 
     def close(self) -> None:
-        pass
+        """Nothing to close."""
 
     def __enter__(self) -> Self:
         return self

@@ -310,7 +310,7 @@ def _train_one(
     ckpts = CheckpointManager(out / "checkpoints" / role, cfg.checkpoint.keep_last, info, config=cfg,
                               verify_hash=cfg.checkpoint.verify_hash)
     step, epoch, position = 0, 0, 0
-    ckpt = ckpts.load(cfg.checkpoint.resume)
+    ckpt = ckpts.load(_resume_for(cfg, role))
     if ckpt is not None:
         scatter_full_state(wrapped, ckpt.model_state, opt, ckpt.train_state["optimizer"])
         if ckpt.train_state.get("scaler"):
@@ -379,6 +379,17 @@ def _train_one(
         logger.info("%s: %d steps in %.0f s; exported %s", role, step, seconds, export)
     barrier()
     return TrainResult(role, name, step, parameters, export, _read_losses(out / f"{role}_metrics.jsonl"), seconds)
+
+
+def _resume_for(cfg: RecipeConfig, role: str) -> str:
+    """``checkpoint.resume`` for one model. An explicit checkpoint belongs to one model: the baseline when it
+    sits in a ``baseline`` folder (``.../checkpoints/baseline/ckpt_*``), else the main model; the other model
+    resumes ``auto``."""
+    resume = cfg.checkpoint.resume
+    if resume in ("auto", "none"):
+        return resume
+    owner = "baseline" if Path(resume).resolve().parent.name == "baseline" else "model"
+    return resume if role == owner else "auto"
 
 
 def _optimizer_step(

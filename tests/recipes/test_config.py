@@ -115,7 +115,7 @@ def test_override_values_are_yaml() -> None:
 
 def test_overrides_apply_in_order() -> None:
     cfg = load_config(MNIST, ["optim.lr_per_256=1e-4", "optim.clip_grad_norm=null", "training.max_steps=7",
-                              "training.max_steps=9", "logging.tensorboard=true", "solver.eval.name=anderson",
+                              "training.max_steps=9", "optim.warmup_steps=3", "logging.tensorboard=true", "solver.eval.name=anderson",
                               "solver.eval.options.m=3"])
     assert cfg.optim.lr_per_256 == 1e-4 and cfg.optim.clip_grad_norm is None
     assert cfg.training.max_steps == 9 and cfg.logging.tensorboard is True
@@ -273,7 +273,7 @@ def test_cli_dispatches_a_valid_config(monkeypatch: pytest.MonkeyPatch, tmp_path
         return 0
 
     monkeypatch.setitem(sys.modules, "deqgen.recipes.train", types.SimpleNamespace(main=fake_main))
-    rc = main(["train", str(MNIST), "--set", "training.max_steps=5", "--resume", "none",
+    rc = main(["train", str(MNIST), "--set", "training.max_steps=5", "--set", "optim.warmup_steps=1", "--resume", "none",
                "--set", f"logging.out_dir={tmp_path / 'run'}"])
     assert rc == 0
     assert seen["cfg"].training.max_steps == 5 and seen["cfg"].checkpoint.resume == "none"

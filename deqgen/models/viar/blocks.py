@@ -129,6 +129,14 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Apply the two-layer MLP token-wise.
+
+        Args:
+            x: ``(B, L, C)`` floating-point tokens (any leading shape works; the last dimension is ``C``).
+
+        Returns:
+            ``(B, L, C)``, the same dtype as ``x``.
+        """
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
@@ -141,6 +149,15 @@ class SharedAdaLN(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, cond_BC: Tensor) -> Tensor:
+        """Project the class condition to the six modulation vectors every block shares.
+
+        Args:
+            cond_BC: ``(B, C)`` floating-point class embedding.
+
+        Returns:
+            ``(B, 1, 6, C)``, the same dtype as ``cond_BC``: ``gamma1, gamma2, scale1, scale2, shift1,
+            shift2`` along dimension 2, before each block adds its own ``ada_gss`` offset.
+        """
         return self.ada_lin(cond_BC).view(-1, 1, 6, self.dim)
 
 

@@ -154,11 +154,13 @@ class TransformerConfig:
 
     @property
     def heads(self) -> int:
+        """Attention heads: ``num_heads``, or ``depth`` when it was left ``None``."""
         assert self.num_heads is not None
         return self.num_heads
 
     @property
     def num_scales(self) -> int:
+        """``K = len(patch_nums)``, the number of scales."""
         return len(self.patch_nums)
 
     @property

@@ -177,7 +177,7 @@ def test_config_mismatch_lists_the_fields(tmp_path: Path) -> None:
     var = load_config(MNIST, ["model.implicit=null"])
     with pytest.raises(CheckpointConfigMismatch, match="model.implicit: checkpoint VIAR, run VAR"):
         CheckpointManager(tmp_path, config=var).load("auto")
-    relaxed = load_config(MNIST, ["optim.lr_per_256=1e-3", "training.max_steps=10", "model.cond_drop_prob=0.2"])
+    relaxed = load_config(MNIST, ["optim.lr_per_256=1e-3", "training.max_steps=10", "optim.warmup_steps=2", "model.cond_drop_prob=0.2"])
     assert CheckpointManager(tmp_path, config=relaxed).load("auto") is not None
 
 

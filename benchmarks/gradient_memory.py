@@ -69,47 +69,12 @@ def _block(torch: Any) -> Any:
     return Block()
 
 
-class _AutogradBytes:
-    """Pack/unpack hooks that track the bytes autograd holds for backward, and their peak."""
-
-    def __init__(self, exclude: set[int]) -> None:
-        self.exclude, self.refs, self.live, self.peak = exclude, {}, 0, 0
-
-    def pack(self, t: Any) -> Any:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in self.exclude:
-            return t
-        if ptr not in self.refs:
-            self.refs[ptr] = [0, t.untyped_storage().nbytes()]
-            self.live += self.refs[ptr][1]
-            self.peak = max(self.peak, self.live)
-        self.refs[ptr][0] += 1
-        return _Held(t, ptr, self)
-
-    def unpack(self, h: Any) -> Any:
-        return h.t if isinstance(h, _Held) else h
-
-    def release(self, ptr: int) -> None:
-        self.refs[ptr][0] -= 1
-        if self.refs[ptr][0] == 0:
-            self.live -= self.refs.pop(ptr)[1]
-
-
-class _Held:
-    """A saved tensor; when autograd frees its graph this object dies and its bytes are released."""
-
-    def __init__(self, t: Any, ptr: int, owner: _AutogradBytes) -> None:
-        self.t, self.ptr, self.owner = t, ptr, owner
-
-    def __del__(self) -> None:
-        self.owner.release(self.ptr)
-
-
 def _point(impl: str, k1: int) -> dict[str, float]:
     sys.path.insert(0, str(ROOT))
     import torch
 
     from deqgen import SJFB, ImplicitLayer, Picard
+    from deqgen.evaluation.memory import SavedTensorBytes
     from deqgen.gradients import forward_solve
 
     torch.set_num_threads(1)
@@ -137,7 +102,7 @@ def _point(impl: str, k1: int) -> dict[str, float]:
     with torch.no_grad():
         f(x, x, 0)
     forward_solve(lambda z, k: f(z, x, k), x, Picard(tol=None, max_iter=1))
-    counter = _AutogradBytes({p.untyped_storage().data_ptr() for p in f.parameters()})
+    counter = SavedTensorBytes({p.untyped_storage().data_ptr() for p in f.parameters()})
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
         step()

@@ -26,6 +26,7 @@ CONFIGS = [
     ("VIAR adaptive 1e-3 (<=10)", "viar", "adaptive:1e-3:10", "iteration"),
     ("VIAR linear 10->5, lean cache", "viar", "linear:10:5:floor", "lean"),
     ("VIAR linear 6->1, lean cache", "viar", "linear:6:1:floor", "lean"),
+    ("VIAR adaptive 1e-3 (<=10), warm start", "viar", "adaptive:1e-3:10", "iteration+warm"),
 ]
 
 
@@ -45,11 +46,15 @@ def _one(kind: str, schedule: str | None, cache: str, width: int, batch: int, re
     vae = MultiScaleVQVAE(VQVAEConfig(ch=32)).eval()
     vae.init_weights(torch.Generator().manual_seed(0))
     labels = torch.arange(batch)
-    generate(model, vae, labels, schedule=schedule, cfg=1.5, top_k=900, top_p=0.96, seed=0, cache=cache)  # warm
+    warm = cache.endswith("+warm")
+    cache = cache.removesuffix("+warm")
+    kw = {"warm_start": True} if warm else {}
+    generate(model, vae, labels, schedule=schedule, cfg=1.5, top_k=900, top_p=0.96, seed=0, cache=cache, **kw)  # warm
     times, res = [], None
     for r in range(repeats):
         t0 = time.perf_counter()
-        res = generate(model, vae, labels, schedule=schedule, cfg=1.5, top_k=900, top_p=0.96, seed=r, cache=cache)
+        res = generate(model, vae, labels, schedule=schedule, cfg=1.5, top_k=900, top_p=0.96, seed=r, cache=cache,
+                       **kw)
         times.append(time.perf_counter() - t0)
     assert res is not None
     its = [float(s.iterations.float().mean()) for s in res.stats]
@@ -68,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None, help="PNG plot path")
+    ap.add_argument("--only", nargs="+", type=int, default=None, metavar="ROW",
+                    help="run only these rows of the table (0 = VAR, always included), e.g. --only 2 4")
     ap.add_argument("--child", nargs=3, metavar=("KIND", "SCHEDULE", "CACHE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -75,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_one(kind, None if schedule == "-" else schedule, cache, args.width, args.batch, args.repeats)))
         return 0
     rows = []
-    for label, kind, schedule, cache in CONFIGS:
+    chosen = [CONFIGS[i] for i in sorted({0, *args.only})] if args.only else CONFIGS
+    for label, kind, schedule, cache in chosen:
         cmd = [sys.executable, __file__, "--width", str(args.width), "--batch", str(args.batch), "--repeats",
                str(args.repeats), "--child", kind, schedule or "-", cache]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]

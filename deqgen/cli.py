@@ -1,10 +1,14 @@
-"""The ``deqgen`` command: ``train``, ``convert``, ``sample`` and ``edit``.
+"""The ``deqgen`` command: ``train``, ``convert``, ``sample``, ``edit``, ``eval`` and ``report``.
 
     deqgen train recipes/mnist_cpu.yaml --set training.max_steps=100 --resume auto
     torchrun --standalone --nproc_per_node=8 -m deqgen train recipes/viar_imagenet.yaml --set data.root=/data/in1k
+    deqgen pretokenize recipes/viar_imagenet.yaml --set data.root=/data/in1k --out /data/in1k_tokens
     deqgen convert viar.pth ckpt/viar_d30
     deqgen sample ckpt/viar_d30 --vqvae ckpt/vae --classes 207 360 --schedule linear:10:5:floor --out grid.png
     deqgen edit ckpt/viar_d30 --vqvae ckpt/vae --image in.png --box 64 64 192 192 --class 980 --out edit.png
+    torchrun --standalone --nproc_per_node=8 -m deqgen eval ckpt/viar_d30 --vqvae ckpt/vae --per-class 50 \
+        --out samples.npz --reference VIRTUAL_imagenet256_labeled.npz --inception-weights weights-inception.pth
+    deqgen report runs/digits
 
 Errors (bad arguments, an invalid recipe, unreadable checkpoints) print to stderr and exit with code 2;
 nothing is written then. ``train`` validates the whole recipe before it creates the run directory.
@@ -16,6 +20,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,17 +59,18 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="PNG path")
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
+def _train_args(p: argparse.ArgumentParser, resume: bool = True) -> None:
     p.add_argument("config_path", nargs="?", metavar="CONFIG", help="recipe YAML, e.g. recipes/mnist_cpu.yaml")
     p.add_argument("--config", dest="config_flag", metavar="PATH", help="recipe YAML (instead of CONFIG)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr_per_256=1e-4 (repeatable)")
-    p.add_argument("--resume", metavar="auto|none|PATH",
-                   help="sets checkpoint.resume: the newest complete checkpoint, none, or a checkpoint directory")
+    if resume:
+        p.add_argument("--resume", metavar="auto|none|PATH",
+                       help="sets checkpoint.resume: the newest complete checkpoint, none, or a checkpoint directory")
 
 
-def _train(args: argparse.Namespace) -> int:
-    """Validate the recipe (exit 2 on any error, before anything is written), then run the training loop."""
+def _load_recipe(args: argparse.Namespace) -> Any:
+    """The validated recipe of ``train``/``pretokenize``, or None after printing the error (exit 2)."""
     import json
 
     from deqgen.recipes.config import ConfigError, load_config
@@ -72,19 +78,43 @@ def _train(args: argparse.Namespace) -> int:
     a, b = args.config_path, args.config_flag
     if a is not None and b is not None and a != b:
         print(f"error: two configs given ({a!r} and --config {b!r}); give one", file=sys.stderr)
-        return 2
+        return None
     path = a if a is not None else b
     if path is None:
-        print("error: 'train' needs a recipe: give CONFIG or --config PATH", file=sys.stderr)
-        return 2
+        print(f"error: '{args.cmd}' needs a recipe: give CONFIG or --config PATH", file=sys.stderr)
+        return None
     overrides = list(args.overrides)
-    if args.resume is not None:  # a quoted YAML string keeps paths verbatim
+    if getattr(args, "resume", None) is not None:  # a quoted YAML string keeps paths verbatim
         overrides.append(f"checkpoint.resume={json.dumps(args.resume)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        cfg = load_config(path, overrides, device=device)
+        return load_config(path, overrides, device=device)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
+        return None
+
+
+def _pretokenize(args: argparse.Namespace) -> int:
+    """Encode a recipe's training images once into a token-pyramid folder (``data.pretokenized``)."""
+    cfg = _load_recipe(args)
+    if cfg is None:
+        return 2
+    from deqgen.models.viar.convert import CheckpointError
+    from deqgen.recipes.tokens import pretokenize_recipe
+
+    try:
+        out = pretokenize_recipe(cfg, args.out, batch_size=args.batch_size)
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}; train on it with --set data.pretokenized={out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Validate the recipe (exit 2 on any error, before anything is written), then run the training loop."""
+    cfg = _load_recipe(args)
+    if cfg is None:
         return 2
     from deqgen.recipes.checkpoint import CheckpointConfigMismatch, CheckpointError
     from deqgen.recipes.train import main as train_main
@@ -96,11 +126,116 @@ def _train(args: argparse.Namespace) -> int:
         return 2
 
 
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="converted model directory (deqgen convert)")
+    p.add_argument("--vqvae", required=True, help="converted tokenizer directory")
+    p.add_argument("--per-class", type=int, required=True, help="samples per class (ImageNet protocol: 50)")
+    p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (default: all of the model's)")
+    p.add_argument("--out", type=Path, required=True, help="ADM sample file (.npz); shards go to OUT_shards/")
+    p.add_argument("--schedule", default=None, help="VIAR per-scale iterations, e.g. constant:10, linear:10:5")
+    p.add_argument("--cache", default="iteration", choices=["iteration", "lean"], help="VIAR's implicit KV cache")
+    p.add_argument("--warm-start", action="store_true", help="start each scale from the previous equilibrium")
+    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--top-k", type=int, default=900)
+    p.add_argument("--top-p", type=float, default=0.96)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=50, help="samples per batch and per shard (fixed for a resume)")
+    p.add_argument("--reference", type=Path, default=None, help="ADM .npz of real images (FID, feature-FID)")
+    p.add_argument("--inception-weights", type=Path, default=None,
+                   help="local weights-inception-2015-12-05-6726825d.pth (FID/IS/P-R; never downloaded)")
+    p.add_argument("--classifier", type=Path, default=None,
+                   help="digits classifier .safetensors (class accuracy, feature-FID vs --reference)")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """Sample class-major shards on every rank, merge on rank 0, then score; exit 2 before writing on bad input."""
+    import json
+
+    from deqgen.evaluation import sample_files as sf
+    from deqgen.models.viar.convert import CheckpointError
+    from deqgen.models.viar.model import NextScaleTransformer
+    from deqgen.models.viar.vqvae import MultiScaleVQVAE
+    from deqgen.recipes.distributed import barrier, init_distributed, teardown
+
+    out: Path = args.out
+    try:
+        if out.suffix != ".npz":
+            raise ValueError(f"--out {out} must end in .npz (the ADM evaluator's format)")
+        sf.check_metric_inputs(reference=args.reference, inception_weights=args.inception_weights,
+                               classifier=args.classifier)
+        model, vae = _load_pair(args.model, args.vqvae)
+        if not isinstance(model, NextScaleTransformer) or not isinstance(vae, MultiScaleVQVAE):
+            raise TypeError(f"{args.model} must hold a VAR/VIAR model and --vqvae {args.vqvae} a tokenizer")
+        classes = tuple(args.classes) if args.classes else tuple(range(model.num_classes))
+        if max(classes) >= model.num_classes or min(classes) < 0:
+            raise ValueError(f"--classes {list(classes)}: the model has classes 0..{model.num_classes - 1}")
+        spec = sf.SampleSpec(classes, args.per_class, args.schedule, args.cfg, args.top_k, args.top_p, args.seed,
+                             args.batch_size, args.cache, args.warm_start)
+        shards = sf.shard_dir_for(out)
+        identity = {"model": sf.checkpoint_identity(args.model), "vqvae": sf.checkpoint_identity(args.vqvae)}
+        sf.check_resume(shards, spec, identity)
+    except (CheckpointError, ValueError, TypeError, KeyError, FileNotFoundError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    info = init_distributed()
+    code = 0
+    try:
+        model.to(info.device)
+        vae.to(info.device)
+        try:
+            sf.sample_shards(model, vae, spec, shards, rank=info.rank, world_size=info.world_size,
+                             device=info.device, identity=identity, progress=info.is_main)
+        except (ValueError, KeyError, OSError) as err:
+            print(f"error: rank {info.rank}: {err}", file=sys.stderr)
+            code = 2
+        barrier()  # every rank passes both barriers, failed or not, so none waits forever
+        if info.is_main and code == 0:
+            try:
+                sf.merge_samples(shards, out, spec)
+                metrics = sf.score_samples(out, reference=args.reference, inception_weights=args.inception_weights,
+                                           classifier=args.classifier)
+                record = {"samples": str(out), "num_samples": spec.total, "spec": spec.to_json(),
+                          "model": str(args.model), "vqvae": str(args.vqvae), "world_size": info.world_size,
+                          "reference": None if args.reference is None else str(args.reference),
+                          "metrics": metrics}
+                metrics_path = out.with_name(f"{out.stem}.metrics.json")
+                metrics_path.write_text(json.dumps(record, indent=2))
+                print(f"wrote {out} and {metrics_path}")
+            except (ValueError, KeyError, OSError, ImportError) as err:
+                print(f"error: {err}", file=sys.stderr)
+                code = 2
+        barrier()
+        return code
+    finally:
+        teardown()
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Measure the CPU demo run and write report.md with its plots."""
+    from deqgen.evaluation.report import ReportError, build_report
+
+    if args.threads < 1:
+        print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    try:
+        path = build_report(args.run_dir, args.out, quick=args.quick)
+    except (ReportError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 success, 2 usage/config/checkpoint errors)."""
     ap = argparse.ArgumentParser(prog="deqgen", description="deqgen command line")
     sub = ap.add_subparsers(dest="cmd", required=True)
     _train_args(sub.add_parser("train", help="train a recipe YAML: tokenizer (if asked), model, baseline; resumable"))
+    pt = sub.add_parser("pretokenize", help="encode a recipe's training images once into token pyramids")
+    _train_args(pt, resume=False)
+    pt.add_argument("--out", type=Path, required=True, help="the folder to write (then set data.pretokenized)")
+    pt.add_argument("--batch-size", type=int, default=256, help="images per encoder batch")
     c = sub.add_parser("convert", help="official VAR / VIAR / VQVAE .pth -> deqgen safetensors + config.json")
     c.add_argument("src")
     c.add_argument("dst")
@@ -118,13 +253,28 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--outpaint", action="store_true", help="regenerate outside the box instead of inside")
     e.add_argument("--class", dest="label", type=int, required=True)
     e.add_argument("--samples", type=int, default=4)
+    _eval_args(sub.add_parser("eval", help="class-major ADM sample file (.npz), sharded over torchrun ranks, "
+                                           "resumable; optional FID/IS or digits metrics"))
+    r = sub.add_parser("report", help="report.md + plots for a CPU demo run (recipes.digits_demo): VIAR vs VAR")
+    r.add_argument("run_dir", type=Path, help="the demo's output folder (e.g. runs/digits)")
+    r.add_argument("--out", type=Path, default=None, help="report folder (default RUN_DIR/report)")
+    r.add_argument("--quick", action="store_true", help="small sample counts and sweeps (tests, a first look)")
+    r.add_argument("--threads", type=int, default=1,
+                   help="torch threads while sampling (default 1: steadier timings on a shared machine)")
     try:
         args = ap.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2), already printed by argparse
         return int(exit_.code or 0)
     if args.cmd == "train":
         return _train(args)
+    if args.cmd == "pretokenize":
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        return _pretokenize(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.cmd == "eval":
+        return _eval(args)
+    if args.cmd == "report":
+        return _report(args)
 
     from deqgen.models.viar.convert import CheckpointError, convert_checkpoint
 

@@ -30,3 +30,18 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_viar_dirs(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """``(viar_dir, vqvae_dir)``: a seeded ``viar_tiny`` and ``vae_tiny`` saved as load_converted directories."""
+    from deqgen.models.viar.convert import save_converted
+    from deqgen.models.viar.model import build_model
+    from deqgen.models.viar.vqvae import VQVAE_PRESETS, MultiScaleVQVAE
+
+    root = tmp_path_factory.mktemp("ckpt")
+    m = build_model("viar_tiny", generator=torch.Generator().manual_seed(0))
+    vae = MultiScaleVQVAE(VQVAE_PRESETS["vae_tiny"])
+    vae.init_weights(torch.Generator().manual_seed(0))
+    return save_converted(root / "viar", m.state_dict(), "viar", m.cfg), save_converted(
+        root / "vae", vae.state_dict(), "vqvae", vae.config)

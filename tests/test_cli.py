@@ -11,19 +11,11 @@ pytest.importorskip("PIL")
 
 from deqgen.cli import main  # noqa: E402
 from deqgen.images import save_grid  # noqa: E402
-from deqgen.models.viar.convert import save_converted  # noqa: E402
-from deqgen.models.viar.model import build_model  # noqa: E402
-from deqgen.models.viar.vqvae import VQVAE_PRESETS, MultiScaleVQVAE  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("ckpt")
-    m = build_model("viar_tiny", generator=torch.Generator().manual_seed(0))
-    vae = MultiScaleVQVAE(VQVAE_PRESETS["vae_tiny"])
-    vae.init_weights(torch.Generator().manual_seed(0))
-    return save_converted(root / "viar", m.state_dict(), "viar", m.cfg), save_converted(
-        root / "vae", vae.state_dict(), "vqvae", vae.config)
+def dirs(tiny_viar_dirs: tuple[Path, Path]) -> tuple[Path, Path]:
+    return tiny_viar_dirs
 
 
 def test_sample_writes_a_png(dirs: tuple[Path, Path], tmp_path: Path) -> None:

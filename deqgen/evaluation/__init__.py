@@ -37,6 +37,13 @@ from deqgen.evaluation.npz import (
     to_uint8_nhwc,
     write_samples_npz,
 )
+from deqgen.evaluation.report import ReportError, build_report
+from deqgen.evaluation.sample_files import (
+    SampleSpec,
+    merge_samples,
+    sample_shards,
+    score_samples,
+)
 
 __all__ = [
     "INCEPTION_WEIGHTS_FILENAME",
@@ -44,9 +51,12 @@ __all__ = [
     "DigitsClassifierConfig",
     "FeatureFIDMetric",
     "PrecisionRecall",
+    "ReportError",
     "RunningStatistics",
     "SampleChunk",
+    "SampleSpec",
     "ShardedSampleWriter",
+    "build_report",
     "class_accuracy",
     "compute_fidelity_metrics",
     "extract_features",
@@ -55,12 +65,15 @@ __all__ = [
     "frechet_distance",
     "inception_score",
     "load_digits_classifier",
+    "merge_samples",
     "merge_shards",
     "per_class_accuracy",
     "precision_recall",
     "read_reference_statistics",
     "read_samples_npz",
     "resolve_inception_weights",
+    "sample_shards",
+    "score_samples",
     "to_uint8_nhwc",
     "train_digits_classifier",
     "write_samples_npz",

@@ -133,3 +133,30 @@ sampling: {{samples_per_class: 1, top_k: 0, top_p: 0.0}}
 """
     (result,) = run(load_config_text(text, device="cpu"))
     assert result.steps == 2
+
+
+def test_pretokenize_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from deqgen.cli import main
+    from deqgen.models.viar.convert import save_converted
+    from deqgen.models.viar.vqvae import VQVAE_PRESETS, MultiScaleVQVAE
+    from deqgen.recipes.tokens import PretokenizedDataset
+
+    root = _folder(tmp_path / "data")
+    vae = MultiScaleVQVAE(VQVAE_PRESETS["vae_tiny"])
+    vae.init_weights(torch.Generator().manual_seed(0))
+    tok = save_converted(tmp_path / "vae", vae.state_dict(), "vqvae", vae.config)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+model: {{preset: viar_tiny, num_classes: 2}}
+tokenizer: {{preset: vae_tiny, checkpoint: {tok}}}
+data: {{kind: imagenet_folder, root: {root}, image_size: 64, resize_shorter_side: 72}}
+optim: {{warmup_steps: 1}}
+training: {{global_batch_size: 4, micro_batch_size: 2, max_steps: 2}}
+""")
+    out = tmp_path / "tokens"
+    assert main(["pretokenize", str(recipe), "--out", str(out), "--batch-size", "3"]) == 0
+    assert len(PretokenizedDataset(out, vae)) == 8
+    assert main(["pretokenize", str(recipe), "--out", str(out)]) == 2  # exists: refused, nothing touched
+    assert "exists" in capsys.readouterr().err
+    assert main(["pretokenize", str(recipe), "--out", str(tmp_path / "t2"), "--set", "data.image_size=60"]) == 2
+    assert not (tmp_path / "t2").exists()

@@ -22,16 +22,8 @@ import pytest
 
 import deqgen
 
-# Modules other engineers are writing at the moment; their authors add the docstrings.
-IN_PROGRESS = {
-    "deqgen.cli",
-    "deqgen.recipes.train",
-    "deqgen.evaluation.report",
-    "deqgen.evaluation.sample_files",
-}
-# Files that others are editing. Names in them that lack a docstring right now:
-# TrunkCache.all, TrunkCache.reset, ImplicitMap.forward, ImplicitTrunk.map.
-EDITED_ELSEWHERE = {"deqgen.models.viar.trunk"}
+IN_PROGRESS: set[str] = set()
+EDITED_ELSEWHERE: set[str] = set()
 SKIPPED = IN_PROGRESS | EDITED_ELSEWHERE
 
 # torch.nn.Module hooks that torch documents and calls itself; an override needs no docstring of its own.

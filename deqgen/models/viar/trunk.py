@@ -58,9 +58,11 @@ class TrunkCache:
     implicit: KVCache | None = None
 
     def all(self) -> list[KVCache]:
+        """Every cache: the explicit blocks' in order, then the implicit block's (if any)."""
         return [*self.layers, *([self.implicit] if self.implicit is not None else [])]
 
     def reset(self) -> None:
+        """Empty every cache (a new batch of samples)."""
         for c in self.all():
             c.reset()
 
@@ -185,6 +187,8 @@ class ImplicitMap(nn.Module):
         self.projection = projection
 
     def forward(self, z_BLC: Tensor, x: ImplicitInput, k: int) -> Tensor:
+        """One map evaluation ``f(z, x, k) = Block(P([z; u]))``: ``(B, L, C) -> (B, L, C)``; ``k`` keys the
+        implicit block's KV cache slot when sampling."""
         h = self.projection(z_BLC, x.u)
         slot = cache_slot(x.cache, x.scale, k)
         return self.block(h, x.cond, mask=x.mask, cache=slot, masks=x.masks or DropMasks())
@@ -226,6 +230,7 @@ class ImplicitTrunk(nn.Module):
 
     @property
     def map(self) -> ImplicitMap:
+        """The implicit map ``f`` (fusion projection + the weight-tied block) inside the layer."""
         f = self.implicit.f
         assert isinstance(f, ImplicitMap)
         return f

@@ -335,7 +335,7 @@ def _train_one(
                    {"optimizer": optim_state, "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                     "epoch": epoch, "position": position, "role": role}, generators=generators)
 
-    with bar:
+    with bar, metrics:  # the metric files are closed even when a step raises
         while step < total:
             sampler.set_epoch(epoch)
             if hasattr(dataset, "set_epoch"):
@@ -370,7 +370,6 @@ def _train_one(
                 every_ep = cfg.checkpoint.every_n_epochs
                 if every_ep is not None and epoch % every_ep == 0 and step < total:
                     save(step)
-    metrics.close()
     seconds = time.perf_counter() - t_start
     export = out / name
     model_state, _ = gather_full_state(wrapped)

@@ -5,6 +5,7 @@ checkpoint is skipped (or refused when named explicitly)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -187,3 +188,14 @@ def test_warmup_longer_than_the_run_is_refused(tokenizer_dir: Path, tmp_path: Pa
                                    "optim.warmup_steps=null", "optim.warmup_epochs=2"), device="cpu")
     with pytest.raises(ValueError, match="warmup"):
         run(cfg)
+
+
+def test_bf16_autocast_trains_viar_and_var(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """The ImageNet recipe's precision (bf16 autocast) on CPU: the L2-normalised attention keeps q, k, v in
+    one dtype, and both models take finite steps."""
+    out = tmp_path / "run"
+    cfg = load_config(MNIST, [*_tiny(out, tokenizer_dir, "training.max_steps=2", "optim.warmup_steps=1",
+                                     "precision.dtype=bf16"), "baseline=null"], device="cpu")
+    (result,) = run(cfg)
+    losses = [loss for _, loss in _losses(out)]
+    assert result.steps == 2 and len(losses) == 2 and all(math.isfinite(v) for v in losses)

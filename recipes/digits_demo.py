@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from deqgen.data.digits import load_digits, split
 from deqgen.evaluation.digits_classifier import class_accuracy, train_digits_classifier
 from deqgen.evaluation.frechet import fid_from_features
 from deqgen.recipes.config import ConfigError, RecipeConfig, load_config
+from deqgen.recipes.train import digit_splits
 from deqgen.recipes.train import run as train
 
 logger = logging.getLogger("recipes.digits_demo")
@@ -59,20 +59,19 @@ def run(out: Path, overrides: Sequence[str] = (), *, classifier_epochs: int = 5)
 
     # an independent judge: a CNN trained on the held-out digits the generators never saw
     seed, d = cfg.training.seed, cfg.data
-    data = load_digits(d.source, side=d.image_size)
+    train_part, held = digit_splits(cfg)  # the split training used; the recipe holds out val_fraction > 0
     fractions = [1.0 - d.val_fraction, d.val_fraction]
-    train_part, held = split(data, fractions, torch.Generator().manual_seed(seed))
     clf = train_digits_classifier(held.images, held.labels, epochs=classifier_epochs,
                                   generator=torch.Generator().manual_seed(seed))
     clf.save(out / "classifier.safetensors")
     real = clf.features(held.images).detach()
     (out / "run.json").write_text(json.dumps({
-        "seed": seed, "data_source": data.source, "side": d.image_size, "split": fractions,
+        "seed": seed, "data_source": held.source, "side": d.image_size, "split": fractions,
         "split_note": "split(load_digits(data_source, side=side), split, Generator().manual_seed(seed)); "
                       "part 0 trains the generators, part 1 the classifier and the FID reference"}, indent=2))
 
     summary = json.loads((out / "metrics.json").read_text())
-    metrics: dict[str, Any] = {"data": data.source, "classifier_accuracy_on_real_train":
+    metrics: dict[str, Any] = {"data": held.source, "classifier_accuracy_on_real_train":
                                class_accuracy(clf, train_part.images, train_part.labels)}
     for r in results:
         assert r.samples is not None and r.sample_labels is not None

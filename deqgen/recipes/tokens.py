@@ -254,16 +254,12 @@ def pretokenize_recipe(cfg: Any, out: str | Path, *, batch_size: int = 256) -> P
     if cfg.tokenizer.checkpoint is None:
         raise ValueError("pretokenize needs a trained tokenizer: set tokenizer.checkpoint")
     vae = load_tokenizer(cfg.tokenizer.checkpoint, build_tokenizer_config(cfg))
-    if cfg.data.kind == "digits":
-        from deqgen.data.digits import load_digits, split
+    from deqgen.recipes.train import digit_splits, image_folder
 
-        data = load_digits(cfg.data.source, side=cfg.data.image_size)
-        parts = [1.0 - cfg.data.val_fraction, cfg.data.val_fraction] if cfg.data.val_fraction > 0 else [1.0]
-        train = split(data, parts, torch.Generator().manual_seed(cfg.training.seed))[0]
+    if cfg.data.kind == "digits":
+        train = digit_splits(cfg)[0]
         dataset: Dataset[Any] = TensorDataset(train.images, train.labels)
     else:
-        from deqgen.recipes.train import image_folder
-
         dataset = image_folder(cfg, "train", random_crop=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return write_pretokenized(out, vae, dataset, batch_size=batch_size, num_workers=cfg.data.num_workers,

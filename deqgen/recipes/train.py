@@ -87,7 +87,7 @@ from deqgen.recipes.logging_utils import (
 from deqgen.recipes.lr_schedule import apply_schedules, build_schedules, param_groups
 from deqgen.recipes.tokens import load_tokenizer, teacher_forcing, tokenize, train_tokenizer
 
-__all__ = ["TrainResult", "image_folder", "main", "run"]
+__all__ = ["TrainResult", "digit_splits", "image_folder", "main", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -179,14 +179,10 @@ def _tokens_and_data(cfg: RecipeConfig, info: DistInfo, out: Path) -> tuple[Mult
     """The frozen tokenizer and the training set: ``(idx (L,), label)`` rows, or ``(image, label)`` rows."""
     tok_cfg = build_tokenizer_config(cfg)
     images = labels = None
-    if cfg.data.kind == "digits":
-        from deqgen.data.digits import load_digits, split
-
-        data = load_digits(cfg.data.source, side=cfg.data.image_size)
-        parts = [1.0 - cfg.data.val_fraction, cfg.data.val_fraction] if cfg.data.val_fraction > 0 else [1.0]
-        train = split(data, parts, torch.Generator().manual_seed(cfg.training.seed))[0]
+    if cfg.data.kind == "digits" and cfg.data.pretokenized is None:
+        train = digit_splits(cfg)[0]
         images, labels = train.images, train.labels
-        logger.info("data: %d training digits (%s, %d px)", len(train), data.source, cfg.data.image_size)
+        logger.info("data: %d training digits (%s, %d px)", len(train), train.source, cfg.data.image_size)
 
     if cfg.tokenizer.checkpoint is not None:
         vae = load_tokenizer(cfg.tokenizer.checkpoint, tok_cfg)
@@ -206,6 +202,18 @@ def _tokens_and_data(cfg: RecipeConfig, info: DistInfo, out: Path) -> tuple[Mult
     folder = image_folder(cfg, "train")
     logger.info("data: %d images in %d classes under %s", len(folder), len(folder.classes), folder.root)
     return vae, folder
+
+
+def digit_splits(cfg: RecipeConfig) -> tuple[Any, ...]:
+    """The recipe's real digits, split stratified by ``data.val_fraction`` with the run seed: ``(train, held)``
+    :class:`~deqgen.data.digits.DigitsData` (just ``(train,)`` when the fraction is 0). Training,
+    ``deqgen pretokenize`` and the CPU demo's held-out classifier all use this one split."""
+    from deqgen.data.digits import load_digits, split
+
+    d = cfg.data
+    data = load_digits(d.source, side=d.image_size)
+    parts = [1.0 - d.val_fraction, d.val_fraction] if d.val_fraction > 0 else [1.0]
+    return split(data, parts, torch.Generator().manual_seed(cfg.training.seed))
 
 
 def image_folder(cfg: RecipeConfig, split: str = "train", *, random_crop: bool | None = None) -> Any:
@@ -353,8 +361,8 @@ def _train_one(
                 bar.update(1)
                 if step % cfg.logging.log_every_n_steps == 0 or step == total:
                     now = time.perf_counter()
-                    row = all_reduce_mean({"loss": sums["loss"], "acc": sums["acc"]}, info)
-                    row.update(lr=lr, wd=wd, grad_norm=grad_norm, k1=sums["k1"], k2=sums["k2"],
+                    row = all_reduce_mean({"loss": float(sums["loss"]), "acc": float(sums["acc"])}, info)
+                    row.update(lr=lr, wd=wd, grad_norm=float(grad_norm), k1=sums["k1"], k2=sums["k2"],
                                images_per_s=window_images / (now - t_window), peak_mem_gb=_peak_memory_gb(info),
                                epoch=epoch)
                     metrics.log(step, row)
@@ -402,7 +410,7 @@ def _optimizer_step(
     g_rank: torch.Generator,
     g_shared: torch.Generator,
     label_smoothing: float,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Forward/backward ``accum`` micro-batches (gradients synchronised on the last one only).
 
     The shared stream is rewound before every micro-batch, so all of them draw the step's ``(k1, k2)``.
@@ -425,20 +433,21 @@ def _optimizer_step(
         loss_sum = loss_sum + loss.detach() / accum
         acc_sum = acc_sum + (logits.detach().argmax(-1) == idx).float().mean() / accum
         k1, k2 = stats.no_grad_steps, stats.grad_steps
-    return {"loss": float(loss_sum), "acc": float(acc_sum), "k1": float(k1), "k2": float(k2)}
+    return {"loss": loss_sum, "acc": acc_sum, "k1": k1, "k2": k2}  # tensors stay on the device until logged
 
 
 def _clip_and_step(
     model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, clip: float | None
-) -> float:
-    """Unscale, clip the global gradient norm (``inf`` when ``clip`` is None), step, zero. Returns the norm."""
+) -> Tensor:
+    """Unscale, clip the global gradient norm (``inf`` when ``clip`` is None), step, zero. Returns the norm
+    as a device tensor (read it only when logging: no host sync per step)."""
     scaler.unscale_(opt)
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def _wrap(model: nn.Module, cfg: RecipeConfig, info: DistInfo) -> nn.Module:

@@ -58,7 +58,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Step = Callable[[Tensor, int], Tensor]
-"""``step(z, k) -> f(z, x, k)``: one application of the layer's map, ``z: (B, *S)``."""
+"""``step(z, k) -> f(z, x, k)``: one application of the layer's map, ``z: (B, *S)``.
+
+A step may carry two attributes that :func:`forward_solve` honours: ``separable`` (True when the step also
+accepts ``rows=``, a LongTensor of the original rows of ``z``, so converged rows are never evaluated again)
+and ``trace`` (record the residual traces). :class:`~deqgen.layer.ImplicitLayer` sets them."""
 
 ROUNDING_FLOOR = 4.0
 """The adjoint tolerance is never below ``ROUNDING_FLOOR * eps`` of the lowest precision the backward computes
@@ -75,11 +79,18 @@ class GradInfo:
         grad_steps: evaluations recorded for backprop: S-JFB's ``k2``, JFB's ``k``, ... (0 in eval mode).
         forward: the no-grad solve's :class:`~deqgen.stats.Solution` (``z: (B, *S)`` and per-sample stats);
             None when there was no no-grad phase (``Unrolled``, S-JFB with ``k1 = 0``).
+        jacobian_step: ``(z_in, fz)``, both ``(B, D)``, one recorded step ``fz = f(z_in)`` at the solve's
+            answer with ``z_in`` requiring grad, for :mod:`deqgen.regularization`; set by
+            :class:`~deqgen.layer.ImplicitLayer` when asked (``jacobian=True``), else None.
+        states: the trajectory states asked for with ``states=`` (fixed-point correction), each with the
+            gradient method's backward; empty otherwise.
     """
 
     no_grad_steps: int
     grad_steps: int
     forward: Solution | None = None
+    jacobian_step: tuple[Tensor, Tensor] | None = None
+    states: tuple[Any, ...] = ()
 
 
 class GradientMethod(ABC):
@@ -103,6 +114,18 @@ class GradientMethod(ABC):
             ``z: (B, *S)`` carrying the method's graph, and a :class:`GradInfo`.
         """
 
+    def backprop_from(self, step: Step, z: Tensor, k: int) -> Tensor:
+        """The method's backward attached at a given no-grad state ``z: (B, *S)`` reached after ``k``
+        evaluations (fixed-point correction uses it on intermediate states of one solve).
+
+        Raises:
+            ValueError: for methods whose backward is not defined from a state (``Unrolled``, ``SJFB``).
+        """
+        raise ValueError(
+            f"{type(self).__name__} has no backward from an intermediate state; fixed-point correction "
+            "(states=) needs JFB, Phantom or ImplicitDiff"
+        )
+
 
 def forward_solve(step: Step, z0: Tensor, solver: Solver[Any]) -> Solution:
     """Solve ``z = step(z, k)`` from ``z0: (B, *S)`` without autograd; ``k`` counts evaluations from 0.
@@ -111,10 +134,19 @@ def forward_solve(step: Step, z0: Tensor, solver: Solver[Any]) -> Solution:
     solver accumulates in ``z0``'s (usually float32).
     """
 
-    def f(z: Tensor, k: int) -> Tensor:
-        return step(z, k).to(z.dtype)
+    if getattr(step, "separable", False):
 
-    return run(FixedPointProblem(f, z0.detach(), indexed=True), solver)
+        def f_rows(z: Tensor, k: int, rows: Tensor | None = None) -> Tensor:
+            return step(z, k, rows=rows).to(z.dtype)  # type: ignore[call-arg]
+
+        problem = FixedPointProblem(f_rows, z0.detach(), indexed=True, separable=True)
+    else:
+
+        def f(z: Tensor, k: int) -> Tensor:
+            return step(z, k).to(z.dtype)
+
+        problem = FixedPointProblem(f, z0.detach(), indexed=True)
+    return run(problem, solver, trace=bool(getattr(step, "trace", False)))
 
 
 def _tracked_steps(step: Step, z: Tensor, k_start: int, k: int, damping: float = 1.0) -> Tensor:
@@ -172,8 +204,10 @@ class JFB(GradientMethod):
         self, step: Step, z0: Tensor, solver: Solver[Any], generator: torch.Generator | None = None
     ) -> tuple[Tensor, GradInfo]:
         sol = forward_solve(step, z0, solver)
-        z = _tracked_steps(step, sol.z, sol.stats.iterations, self.k)
-        return z, GradInfo(sol.stats.iterations, self.k, sol)
+        return self.backprop_from(step, sol.z, sol.stats.iterations), GradInfo(sol.stats.iterations, self.k, sol)
+
+    def backprop_from(self, step: Step, z: Tensor, k: int) -> Tensor:
+        return _tracked_steps(step, z, k, self.k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,8 +300,10 @@ class Phantom(GradientMethod):
         self, step: Step, z0: Tensor, solver: Solver[Any], generator: torch.Generator | None = None
     ) -> tuple[Tensor, GradInfo]:
         sol = forward_solve(step, z0, solver)
-        z = _tracked_steps(step, sol.z, sol.stats.iterations, self.k, self.damping)
-        return z, GradInfo(sol.stats.iterations, self.k, sol)
+        return self.backprop_from(step, sol.z, sol.stats.iterations), GradInfo(sol.stats.iterations, self.k, sol)
+
+    def backprop_from(self, step: Step, z: Tensor, k: int) -> Tensor:
+        return _tracked_steps(step, z, k, self.k, self.damping)
 
 
 class BackwardStatsRecorder:
@@ -356,10 +392,12 @@ class ImplicitDiff(GradientMethod):
         self, step: Step, z0: Tensor, solver: Solver[Any], generator: torch.Generator | None = None
     ) -> tuple[Tensor, GradInfo]:
         sol = forward_solve(step, z0, solver)
-        z_star = sol.z.detach().requires_grad_()
-        fz = step(z_star, sol.stats.iterations)  # the one recorded step: graph to the parameters and x
-        z = _AdjointBackward.apply(fz, z_star, self, _compute_eps(fz))
-        return z, GradInfo(sol.stats.iterations, 1, sol)
+        return self.backprop_from(step, sol.z, sol.stats.iterations), GradInfo(sol.stats.iterations, 1, sol)
+
+    def backprop_from(self, step: Step, z: Tensor, k: int) -> Tensor:
+        z_star = z.detach().requires_grad_()
+        fz = step(z_star, k)  # the one recorded step: graph to the parameters and x
+        return _AdjointBackward.apply(fz, z_star, self, _compute_eps(fz))
 
     def adjoint_tol(self, eps: float) -> float | None:
         """The tolerance the backward uses when the step computes with machine epsilon ``eps``."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from deqgen.tree import PackedMap, State, TreeSpec, is_structured, spec_of
 
 __all__ = ["FixedPointProblem"]
 
@@ -27,9 +29,17 @@ class FixedPointProblem:
         f(..., rows=rows)       # separable=True: rows is a LongTensor (B_act,) of the original row
                                 #   indices of the rows passed in, or None meaning all B rows in order
 
+    Structured states: ``z0`` may be a tuple, list or dict of tensors ``(B, *S_i)`` (any floating dtypes,
+    one batch size), and ``f`` then takes and returns that structure. The problem packs it at construction
+    (see :mod:`deqgen.tree`): afterwards ``z0`` is the packed ``(B, D)`` tensor in the widest leaf dtype,
+    ``structure`` its :class:`~deqgen.tree.TreeSpec`, and the solver loop sees a plain tensor problem whose
+    ``f`` unpacks views, calls the user's map and packs its output. :meth:`unpack` turns a packed solution
+    back into the structure (:func:`~deqgen.fixed_point` does it for you).
+
     Args:
-        f: the map. Takes ``z: (B_act, *S)`` and returns a tensor of the same shape and dtype.
-        z0: the start point, ``(B, *S)``, any floating dtype (fp16/bf16/fp32/fp64).
+        f: the map. Takes ``z: (B_act, *S)`` and returns a tensor of the same shape and dtype (or the
+            structure of ``z0``, same shapes; leaves are cast to the packed dtype).
+        z0: the start point, ``(B, *S)``, any floating dtype (fp16/bf16/fp32/fp64), or a structured state.
         x: optional injection, ``(B, ...)``. When rows are frozen and ``separable=True``, ``f`` receives
             ``x[rows]``; otherwise it receives ``x`` whole.
         indexed: pass the iteration number ``k`` to ``f`` (VIAR keys its attention cache by it).
@@ -44,15 +54,21 @@ class FixedPointProblem:
         3
     """
 
-    f: Callable[..., Tensor]
+    f: Callable[..., Any]
     z0: Tensor
     x: Any = None
     indexed: bool = False
     separable: bool = False
+    structure: TreeSpec | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if not callable(self.f):
             raise TypeError(f"FixedPointProblem.f must be callable, got {type(self.f).__name__}")
+        if is_structured(self.z0):
+            spec = spec_of(self.z0, "FixedPointProblem.z0")
+            object.__setattr__(self, "z0", spec.pack(self.z0, "FixedPointProblem.z0").detach())
+            object.__setattr__(self, "f", PackedMap(self.f, spec))
+            object.__setattr__(self, "structure", spec)
         if not isinstance(self.z0, Tensor):
             raise TypeError(f"FixedPointProblem.z0 must be a torch.Tensor, got {type(self.z0).__name__}")
         if self.z0.dim() < 1 or self.z0.shape[0] == 0:
@@ -82,6 +98,11 @@ class FixedPointProblem:
     def sample_shape(self) -> torch.Size:
         """``S``, the shape of one sample."""
         return self.z0.shape[1:]
+
+    def unpack(self, z: Tensor) -> State:
+        """``z: (B, *S)`` (the packed ``(B, D)`` for a structured problem) in the structure of the original
+        ``z0``: views of ``z`` per leaf, cast back to each leaf's dtype. A plain tensor problem returns ``z``."""
+        return z if self.structure is None else self.structure.unpack(z.reshape(z.shape[0], -1))
 
     def evaluate(self, z: Tensor, k: int, rows: Tensor | None, x_rows: Any) -> Tensor:
         """Call ``f`` following the convention above.

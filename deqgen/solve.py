@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
-
-from torch import Tensor
 
 from deqgen.problem import FixedPointProblem
 from deqgen.solvers.base import Solver, run
 from deqgen.solvers.picard import Picard
 from deqgen.stats import Solution
+from deqgen.tree import State
 
 __all__ = ["fixed_point"]
 
 
 def fixed_point(
-    f: Callable[..., Tensor],
-    z0: Tensor,
+    f: Callable[..., Any],
+    z0: State,
     solver: Solver[Any] | None = None,
     *,
     x: Any = None,
@@ -28,9 +28,14 @@ def fixed_point(
 ) -> Solution:
     """Solve ``z* = f(z*)`` for a batch ``z0: (B, *S)`` of independent samples.
 
+    ``z0`` may also be a tuple, list or dict of tensors sharing the batch dim (a multi-resolution state);
+    ``f`` then takes and returns that structure, and ``Solution.z`` has it too. Per-sample freezing,
+    separable evaluation, NaN isolation and the stats work as for one tensor: the residual of a sample is
+    taken over all its leaves together.
+
     Args:
         f: the map; see :class:`~deqgen.problem.FixedPointProblem` for how it is called.
-        z0: start point ``(B, *S)``.
+        z0: start point ``(B, *S)``, or a structured state (see :mod:`deqgen.tree`).
         solver: a :class:`~deqgen.solvers.Solver`; defaults to ``Picard()``.
         x: optional injection passed to ``f``.
         indexed: call ``f`` with the iteration number ``k``.
@@ -39,7 +44,7 @@ def fixed_point(
         throw: raise :class:`~deqgen.stats.SolverError` if a sample does not converge.
 
     Returns:
-        :class:`~deqgen.stats.Solution` with ``z: (B, *S)`` and per-sample :class:`~deqgen.stats.SolverStats`.
+        :class:`~deqgen.stats.Solution` with ``z: (B, *S)`` (or the structure of ``z0``) and per-sample :class:`~deqgen.stats.SolverStats`.
 
     Example:
         >>> import torch
@@ -49,5 +54,8 @@ def fixed_point(
         >>> sol.z[0].tolist(), sol.stats.status.tolist()
         ([2.0, 2.0, 2.0], [0, 0, 0, 0])
     """
-    problem = FixedPointProblem(f, z0, x=x, indexed=indexed, separable=separable)
-    return run(problem, solver if solver is not None else Picard(), trace=trace, throw=throw)
+    problem = FixedPointProblem(f, z0, x=x, indexed=indexed, separable=separable)  # type: ignore[arg-type]
+    sol = run(problem, solver if solver is not None else Picard(), trace=trace, throw=throw)
+    if problem.structure is None:
+        return sol
+    return dataclasses.replace(sol, z=problem.unpack(sol.z))

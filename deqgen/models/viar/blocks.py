@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from deqgen.kv_cache import CacheSlot, KVCache
 from deqgen.nn.attention import AttentionBackend, attention
+from deqgen.nn.dropout import dropout_mask
 
 __all__ = ["DropMasks", "SelfAttention", "FFN", "AdaLNBlock", "AdaLNHead", "SharedAdaLN"]
 
@@ -44,12 +45,6 @@ class DropMasks:
     path_ffn: Tensor | None = None
     attn_out: Tensor | None = None
     ffn_out: Tensor | None = None
-
-
-def _keep(shape: tuple[int, ...], p: float, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Bernoulli(1 - p) mask scaled by ``1 / (1 - p)``, in ``like``'s dtype and device."""
-    u = torch.rand(shape, generator=generator, device=like.device)
-    return (u >= p).to(like.dtype) / (1.0 - p)
 
 
 def _mul(x: Tensor, m: Tensor | None) -> Tensor:
@@ -212,10 +207,10 @@ class AdaLNBlock(nn.Module):
         B = x_BLC.shape[0]
         p, d = self.drop_path, self.dropout
         return DropMasks(
-            path_attn=_keep((B, 1, 1), p, x_BLC, generator) if p > 0 else None,
-            path_ffn=_keep((B, 1, 1), p, x_BLC, generator) if p > 0 else None,
-            attn_out=_keep(tuple(x_BLC.shape), d, x_BLC, generator) if d > 0 else None,
-            ffn_out=_keep(tuple(x_BLC.shape), d, x_BLC, generator) if d > 0 else None,
+            path_attn=dropout_mask((B, 1, 1), p, x_BLC, generator) if p > 0 else None,
+            path_ffn=dropout_mask((B, 1, 1), p, x_BLC, generator) if p > 0 else None,
+            attn_out=dropout_mask(tuple(x_BLC.shape), d, x_BLC, generator) if d > 0 else None,
+            ffn_out=dropout_mask(tuple(x_BLC.shape), d, x_BLC, generator) if d > 0 else None,
         )
 
     def modulation(self, cond: Tensor) -> tuple[Tensor, ...]:

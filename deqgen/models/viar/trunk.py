@@ -21,12 +21,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import weight_norm
 
 from deqgen.gradients import GradientMethod, forward_solve
 from deqgen.kv_cache import AppendCache, EquilibriumCache, IterationKeyedCache, KVCache, MissingPolicy
 from deqgen.layer import ImplicitLayer
 from deqgen.models.viar.blocks import AdaLNBlock, DropMasks, cache_slot
+from deqgen.nn.normalization import weight_norm
 from deqgen.solvers.base import Solver
 from deqgen.stats import Solution
 

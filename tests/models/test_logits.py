@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from deqgen.models.viar.logits import (
     apply_cfg,
@@ -175,6 +178,49 @@ def test_same_seed_same_tokens_whatever_the_batch_size() -> None:
         other[0] = torch.randn(50, 37, generator=torch.Generator().manual_seed(9))
         again = sample_tokens(other, top_k=k, top_p=p, generators=per_sample_generators(123, 8))
         assert torch.equal(again[1:], full[1:]) and not torch.equal(again[0], full[0])
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_only_the_per_row_draws_grow_with_the_batch() -> None:
+    """Filtering, softmax, cumsum and search run batched: going from 1 to 40 rows adds exactly one
+    ``select`` + ``uniform_`` pair per extra row and nothing else."""
+    logits = torch.randn(40, 30, 64, generator=torch.Generator().manual_seed(2))
+    counts = {}
+    for B in (1, 40):
+        gens = per_sample_generators(3, B)
+        with _OpCounter() as c:
+            sample_tokens(logits[:B], top_k=12, top_p=0.8, generators=gens)
+        counts[B] = c.ops
+    grown = counts[40] - counts[1]
+    assert dict(grown) == {"select": 39, "uniform_": 39}, grown
+    assert counts[40]["uniform_"] == 40
+
+
+def test_batched_draw_equals_the_per_row_formula_with_ties() -> None:
+    """Each row of a batched call equals the documented inverse-CDF draw computed on that row alone, with
+    the row's own uniforms (drawn here from a copy of its generator); logits with many ties and -inf."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randint(-3, 3, (6, 20, 16), generator=g).double()
+    logits[:, :, :3] = float("-inf")
+    got = sample_tokens(logits, top_k=5, top_p=0.7, generators=per_sample_generators(8, 6))
+    for b, gen in enumerate(per_sample_generators(8, 6)):
+        u = torch.rand(20, 1, generator=gen, dtype=torch.float64)
+        probs = top_k_top_p_filter(logits[b], 5, 0.7).softmax(-1)
+        cdf = probs.cumsum(-1)
+        want = [int((cdf[i] <= u[i, 0] * cdf[i, -1]).sum()) for i in range(20)]
+        assert got[b].tolist() == want
+        assert bool((probs.gather(1, got[b][:, None]) > 0).all())
 
 
 def test_reproducible_and_seed_dependent() -> None:

@@ -4,10 +4,10 @@ Pure functions on ``(B, n, V)`` logits (``B`` samples, ``n`` token positions of 
 ``V``). Every random draw comes from a ``torch.Generator`` passed in; nothing touches the global RNG.
 
 **Batch-size invariance.** Sample ``i`` gets its own generator, seeded from ``(seed, i)`` with the global
-sample index ``i`` (:func:`per_sample_generators`), and :func:`sample_tokens` draws row ``b`` from
-``generators[b]`` only, running the per-row work (filtering, probabilities, the draw) on that row alone. So
-for the same seed and the same row logits, sample ``i``'s tokens are bitwise the same whatever the batch size,
-its position in the batch, or the shard it is in. (The model's logits themselves may still differ in the
+sample index ``i`` (:func:`per_sample_generators`), and :func:`sample_tokens` draws row ``b``'s uniforms from
+``generators[b]`` only; filtering, probabilities and the search then run batched, but each along one row's
+vocabulary. So for the same seed and the same row logits, sample ``i``'s tokens are bitwise the same whatever
+the batch size, its position in the batch, or the shard it is in. (The model's logits themselves may still differ in the
 last bits between batch sizes on some backends; that is outside this module.)
 """
 
@@ -26,7 +26,9 @@ __all__ = [
     "cfg_ramp",
     "derive_seed",
     "per_sample_generators",
+    "row_uniforms",
     "sample_tokens",
+    "sampling_dtype",
     "top_k_top_p_filter",
 ]
 
@@ -189,12 +191,16 @@ def sample_tokens(
 ) -> Tensor:
     """One categorical draw per position from top-k / top-p filtered logits.
 
-    Row ``b`` is filtered (:func:`top_k_top_p_filter`), turned into probabilities (softmax in float64; float32
-    on MPS) and sampled by inverting its cumulative distribution with ``n`` uniforms from ``generators[b]``:
-    token ``v`` is drawn for ``u = U * cdf[-1]`` with ``cdf[v - 1] <= u < cdf[v]``, which has probability
-    ``p_v`` exactly (up to the float64 grid of ``U``) and never picks a token of zero probability, so
-    filtered tokens are never drawn. Everything is computed per row, so a row's tokens depend only on its
-    logits and its generator: bitwise batch-size invariant.
+    The whole batch is filtered (:func:`top_k_top_p_filter`), turned into probabilities (softmax) and
+    sampled by inverting its cumulative distribution in a fixed number of batched operations; the only
+    per-row work is one draw of ``n`` uniforms from ``generators[b]`` (:func:`row_uniforms`). Token ``v`` is
+    drawn for ``u = U * cdf[-1]`` with ``cdf[v - 1] <= u < cdf[v]``, which has probability ``p_v`` (up to
+    the rounding of the sampling dtype) and never picks a token of zero probability, so filtered tokens are
+    never drawn. Every batched operation works along the vocabulary of one row, so a row's tokens depend
+    only on its logits and its generator: bitwise batch-size invariant.
+
+    Sampling dtype: float64 on the CPU, where it costs little; float32 on accelerators, where float64 is
+    slow or missing (the official sampler draws with ``torch.multinomial`` from float32 probabilities too).
 
     Args:
         logits: ``(B, n, V)``.
@@ -218,23 +224,50 @@ def sample_tokens(
     gens = [generators] * B if isinstance(generators, torch.Generator) else list(generators)
     if len(gens) != B:
         raise ValueError(f"need one generator per sample: {B} rows, {len(gens)} generators")
-    dev = logits.device
-    wide = torch.float32 if dev.type == "mps" else torch.float64
-    out = torch.empty(B, n, dtype=torch.long, device=dev)
-    bad = torch.zeros((), dtype=torch.bool, device=dev)
-    for b in range(B):
-        probs = top_k_top_p_filter(logits[b], top_k, top_p).to(wide).softmax(dim=-1)  # (n, V)
-        cdf = probs.cumsum(dim=-1)
-        total = cdf[:, -1:]
-        u = torch.rand(n, 1, generator=gens[b], device=dev, dtype=wide) * total
-        idx = torch.searchsorted(cdf, u, right=True)  # first v with cdf[v] > u
-        # u < total always holds for float64 (U <= 1 - 2**-53); the clamp to each row's last token of positive
-        # probability only guards against rounding in lower precision.
-        last_pos = (V - 1) - (probs > 0).flip(-1).to(torch.uint8).argmax(dim=-1, keepdim=True)
-        out[b] = torch.minimum(idx, last_pos).squeeze(1)
-        bad |= ~(total > 0).all() | ~torch.isfinite(total).all()
-    if bool(bad):
-        raise ValueError(
-            "a row of logits has no token of positive finite probability (NaN or all -inf logits?)"
-        )
-    return out
+    wide = sampling_dtype(logits.device)
+    u_Bn1 = row_uniforms(gens, n, device=logits.device, dtype=wide)
+    probs_BnV = top_k_top_p_filter(logits, top_k, top_p).to(wide).softmax(dim=-1)
+    cdf_BnV = probs_BnV.cumsum(dim=-1)
+    total_Bn1 = cdf_BnV[..., -1:]
+    if not bool(((total_Bn1 > 0) & torch.isfinite(total_Bn1)).all()):  # the one host sync per call
+        raise ValueError("a row of logits has no token of positive finite probability (NaN or all -inf logits?)")
+    idx_Bn1 = torch.searchsorted(cdf_BnV, u_Bn1 * total_Bn1, right=True)  # first v with cdf[v] > u
+    # u < total always holds in float64 (U <= 1 - 2**-53); in float32 U * total can round up to total, so
+    # clamp to each row's last token of positive probability.
+    last_pos_Bn1 = (V - 1) - (probs_BnV > 0).flip(-1).to(torch.uint8).argmax(dim=-1, keepdim=True)
+    return torch.minimum(idx_Bn1, last_pos_Bn1).squeeze(-1)
+
+
+def sampling_dtype(device: torch.device) -> torch.dtype:
+    """The dtype :func:`sample_tokens` computes probabilities and uniforms in on ``device``.
+
+    Args:
+        device: the logits' device.
+
+    Returns:
+        ``torch.float64`` on the CPU, ``torch.float32`` elsewhere.
+    """
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
+def row_uniforms(
+    generators: Sequence[torch.Generator], n: int, *, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """``n`` uniforms in ``[0, 1)`` per row, row ``b`` drawn from ``generators[b]`` only.
+
+    One draw per row, written straight into its slice of the output, so the number of operations is the
+    number of rows and nothing else.
+
+    Args:
+        generators: one generator per row (the same object may repeat; rows then draw in order).
+        n: uniforms per row.
+        device: the generators' device.
+        dtype: floating dtype of the draws.
+
+    Returns:
+        ``(B, n, 1)`` with ``B = len(generators)``.
+    """
+    u_Bn1 = torch.empty(len(generators), n, 1, device=device, dtype=dtype)
+    for b, gen in enumerate(generators):
+        u_Bn1[b].uniform_(generator=gen)  # the same stream as torch.rand(n, 1, generator=gen)
+    return u_Bn1

@@ -79,7 +79,7 @@ class GradInfo:
         grad_steps: evaluations recorded for backprop: S-JFB's ``k2``, JFB's ``k``, ... (0 in eval mode).
         forward: the no-grad solve's :class:`~deqgen.stats.Solution` (``z: (B, *S)`` and per-sample stats);
             None when there was no no-grad phase (``Unrolled``, S-JFB with ``k1 = 0``).
-        jacobian_step: ``(z_in, fz)``, both ``(B, D)``, one recorded step ``fz = f(z_in)`` at the solve's
+        jacobian_step: ``(fz, z_in)``, both ``(B, D)``, one recorded step ``fz = f(z_in)`` at the solve's
             answer with ``z_in`` requiring grad, for :mod:`deqgen.regularization`; set by
             :class:`~deqgen.layer.ImplicitLayer` when asked (``jacobian=True``), else None.
         states: the trajectory states asked for with ``states=`` (fixed-point correction), each with the

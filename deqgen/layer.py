@@ -41,7 +41,7 @@ class _Call:
         spec: the structured state's spec, or None for a plain tensor state.
         separable: ``f`` is row-wise, so the solve may pass it only the rows still running.
         trace: the forward solve records residual traces.
-        jacobian: capture the first recorded step after a no-grad phase as ``(z_in, fz)``.
+        jacobian: capture the first recorded step after a no-grad phase as ``(fz, z_in)``.
         snapshot_at: evaluation counts at which to keep the iterate (fixed-point correction).
     """
 
@@ -67,7 +67,7 @@ class _Call:
                 self._snapshot(z, k, rows)
         fz = self._apply(z, k, rows)
         if self.jacobian and self.captured is None and self.saw_no_grad and z.requires_grad:
-            self.captured = (z, fz)
+            self.captured = (fz, z)
         return fz
 
     def _apply(self, z: Tensor, k: int, rows: Tensor | None) -> Tensor:
@@ -171,7 +171,7 @@ def implicit_solve(
             every tensor in ``x``): the forward solve passes it only the rows still running, with ``x``'s
             tensors indexed to match, so converged rows are never evaluated again.
         trace: the forward solve records residual traces (``info.forward.stats.abs_trace``, ``(K, B)``).
-        jacobian: return one recorded step at the answer as ``info.jacobian_step = (z_in, fz)`` (packed
+        jacobian: return one recorded step at the answer as ``info.jacobian_step = (fz, z_in)`` (packed
             ``(B, D)``, ``z_in`` requiring grad) for :func:`deqgen.regularization.jac_reg`. It reuses the
             gradient method's first recorded step after the forward solve (no extra evaluation of ``f``);
             None for ``Unrolled`` or an S-JFB draw with ``k1 = 0``.

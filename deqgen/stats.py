@@ -15,11 +15,15 @@ class Status(enum.IntEnum):
     """Per-sample outcome of a solve, stored as ``int8`` in :attr:`SolverStats.status`."""
 
     CONVERGED = 0
-    """The stop-mode residual of the returned iterate is ``<= tol``."""
+    """The returned iterate meets the stop rule: its stop-mode residual is ``<= tol`` (or, in rel mode with
+    ``atol > 0``, its absolute residual is ``<= atol``)."""
     MAX_ITER = 1
-    """``max_iter`` evaluations were spent above ``tol``; the returned iterate is the best one seen."""
+    """``max_iter`` evaluations were spent above ``tol``; the returned iterate is the best one seen (see
+    :func:`~deqgen.solvers.run` for what "best" means per stop mode; never worse than ``z0`` in the absolute
+    residual)."""
     NON_FINITE = 2
-    """``f`` returned NaN/Inf for this sample; it was frozen and the best finite iterate is returned."""
+    """``f`` returned NaN/Inf for this sample (or its residual's norm exceeded the dtype's range); it was frozen
+    and the best finite iterate is returned."""
     BUDGET = 3
     """Fixed-budget mode (``tol=None``): exactly ``max_iter`` evaluations, no convergence test."""
 
@@ -36,7 +40,8 @@ _MESSAGES = {
         "Raise max_iter, loosen tol, or try Anderson/Broyden"
     ),
     Status.NON_FINITE: (
-        "f returned NaN or Inf; the sample was frozen and its best finite iterate is returned. "
+        "f returned NaN or Inf (or the residual's norm overflowed); the sample was frozen and its best finite "
+        "iterate is returned. "
         "Check f for divergence (is it a contraction?) or lower the step size (damping)"
     ),
     Status.BUDGET: "ran the fixed budget of max_iter evaluations; no convergence test was made",

@@ -3,11 +3,16 @@
 A solver is a frozen object with typed fields and two methods, ``init`` and ``step``. It has no loop, no
 stopping test, no best-iterate tracking and no autograd: :func:`run` does all of that once, for every solver.
 
-``run`` works on flattened samples ``z: (B, D)``. Each iteration it evaluates ``f`` on the rows that are still
-active, measures each row's residual, records the best iterate of each row, and freezes rows that converged or
-went non-finite. Frozen rows are removed from the working set (compacted) at the next host check, so they stop
-costing solver work, and, for a separable problem, evaluations of ``f`` too. Because every solver's state is
-batch-first and per-row, a row's trajectory does not depend on the other rows in its batch.
+``run`` works on flattened samples ``z: (B, D)`` and has two paths:
+
+* the **tolerance path** (``tol`` set): each iteration it evaluates ``f`` on the rows still active, measures
+  each row's residual, keeps each row's best iterate, and freezes rows that converged or went non-finite.
+  Frozen rows leave the working set at the next host check, so they stop costing solver work and, for a
+  separable problem, evaluations of ``f`` too;
+* the **fixed-budget path** (``tol=None``): exactly ``max_iter`` evaluations with no host synchronisation;
+  only rows whose residual is not finite are frozen.
+
+Every solver's state is batch-first and per row, so a row's trajectory does not depend on the rest of its batch.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from torch import Tensor
 
 from deqgen.problem import FixedPointProblem
+from deqgen.solvers.numerics import known_false, residual_norms, work_dtype
 from deqgen.stats import Solution, SolverError, SolverStats, Status
 
 __all__ = ["Solver", "run", "take_rows"]
@@ -31,6 +37,7 @@ logger = logging.getLogger(__name__)
 StateT = TypeVar("StateT")
 StopMode = Literal["abs", "rel"]
 NormName = Literal["l2", "inf"]
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,18 +49,26 @@ class Solver(ABC, Generic[StateT]):
             exactly ``max_iter`` evaluations, no convergence test and no host synchronisation (inference at a
             known budget, e.g. VIAR's per-scale iteration counts).
         stop_mode: ``"rel"`` tests ``||f(z) - z|| / ||f(z)||``, ``"abs"`` tests ``||f(z) - z||``.
+        atol: with ``stop_mode="rel"``, a sample also stops once its absolute residual is ``<= atol``
+            (``abs <= atol or rel <= tol``, as scipy's ``f_tol``/``f_rtol`` and optimistix's ``atol``/``rtol``),
+            so a fixed point at or near ``z = 0`` is reachable. ``0`` (the default) disables it.
         norm: ``"l2"`` or ``"inf"``, taken per sample over all non-batch dims.
         max_iter: the most evaluations of ``f`` per sample.
         check_every: look at the host (one synchronisation) every this many iterations to drop finished rows
             and stop early. Rows still freeze on the device at the exact iteration they finish, so results and
             statistics do not depend on it; only the work spent on finished rows between checks does.
+        upcast_half: under an active ``torch.autocast``, iterate a float16/bfloat16 ``z0`` in float32: ``f``
+            receives float32 ``z`` and its half-precision output is cast up, so the iterate does not lose bits
+            at every step. The returned ``z`` has ``z0``'s dtype. ``False`` iterates in ``z0``'s dtype.
     """
 
     tol: float | None = 1e-4
     stop_mode: StopMode = "rel"
+    atol: float = 0.0
     norm: NormName = "l2"
     max_iter: int = 50
     check_every: int = 1
+    upcast_half: bool = True
 
     name: ClassVar[str] = "solver"
 
@@ -65,10 +80,24 @@ class Solver(ABC, Generic[StateT]):
             raise ValueError(f"{cls} got tol={self.tol!r}; use a positive finite float, or None for a fixed budget")
         if self.stop_mode not in ("abs", "rel"):
             raise ValueError(f"{cls} got stop_mode={self.stop_mode!r}; use 'abs' or 'rel'")
+        if isinstance(self.atol, bool) or not isinstance(self.atol, (int, float)):
+            raise TypeError(f"{cls} got atol={self.atol!r}; use a float >= 0 (0 disables it)")
+        if not (self.atol >= 0 and math.isfinite(self.atol)):
+            raise ValueError(f"{cls} got atol={self.atol!r}; use a finite float >= 0 (0 disables it)")
+        if self.atol > 0 and self.stop_mode != "rel":
+            raise ValueError(f"{cls} got atol={self.atol!r} with stop_mode='abs'; set tol instead, or stop_mode='rel'")
         if self.norm not in ("l2", "inf"):
             raise ValueError(f"{cls} got norm={self.norm!r}; use 'l2' or 'inf'")
         check_int(cls, "max_iter", self.max_iter, 1)
         check_int(cls, "check_every", self.check_every, 1)
+        if not isinstance(self.upcast_half, bool):
+            raise TypeError(f"{cls} got upcast_half={self.upcast_half!r}; use True or False")
+
+    @property
+    def non_finite_retries(self) -> int:
+        """How many consecutive non-finite evaluations a sample may survive, because ``step`` backs off from
+        them (tolerance mode only). 0: the loop freezes the sample at the first one."""
+        return 0
 
     @abstractmethod
     def init(self, z: Tensor) -> StateT:
@@ -87,7 +116,8 @@ class Solver(ABC, Generic[StateT]):
             z: ``(B, D)`` the current iterates.
             fz: ``(B, D)`` ``f(z)``.
             g: ``(B, D)`` the residual vector ``f(z) - z``.
-            res: ``(B,)`` ``||g||`` in the solver's norm (float32 or wider).
+            res: ``(B,)`` ``||g||`` in the solver's norm (float32 or wider); NaN/Inf only for a solver with
+                ``non_finite_retries > 0``.
 
         Returns:
             ``(z_next, state)`` with ``z_next: (B, D)`` in ``z``'s dtype.
@@ -114,8 +144,70 @@ def take_rows(state: StateT, keep: Tensor) -> StateT:
     return dataclasses.replace(state, **changes)  # type: ignore[type-var]
 
 
-def _residual_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def run(
+    problem: FixedPointProblem, solver: Solver[Any], *, trace: bool = False, throw: bool = False
+) -> Solution:
+    """Drive ``solver`` on ``problem``: the single iteration loop behind every solve.
+
+    Args:
+        problem: the map, start point ``z0: (B, *S)`` and injection.
+        solver: a :class:`Solver`; its fields set tolerance, stop mode, norm and budget.
+        trace: also return the per-iteration residual traces ``(K, B)``.
+        throw: raise :class:`~deqgen.stats.SolverError` when a sample ends with status MAX_ITER or NON_FINITE.
+
+    Returns:
+        A :class:`~deqgen.stats.Solution` with ``z: (B, *S)`` in ``z0``'s dtype and per-sample stats. With a
+        tolerance, a converged sample returns the iterate that met the stop rule; any other sample returns its
+        best iterate: with ``stop_mode="abs"`` the one with the lowest absolute residual; with
+        ``stop_mode="rel"`` the one with the lowest relative residual among those whose absolute residual is
+        no larger than the start's. Either way it is never worse than ``z0`` in the absolute residual.
+
+    The loop runs under ``torch.no_grad()``: gradients are the business of deqgen's gradient methods.
+    """
+    if not isinstance(problem, FixedPointProblem):
+        raise TypeError(f"run() needs a FixedPointProblem, got {type(problem).__name__}")
+    if not isinstance(solver, Solver):
+        raise TypeError(f"run() needs a deqgen Solver (Picard, Anderson, Broyden), got {type(solver).__name__}")
+    with torch.no_grad():
+        loop = _Loop(problem, solver, trace)
+        solution = loop.run_budget() if solver.tol is None else loop.run_tolerance()
+    if throw:
+        solution.raise_for_status()
+    return solution
+
+
+@dataclasses.dataclass
+class _Rows:
+    """The working set: the ``n <= B`` rows still in the loop, each field batch-first.
+
+    ``best_*`` hold each row's best evaluated iterate (see :func:`run`); ``best_z`` may alias ``z``. ``nfe``
+    and ``live`` are per row only in masked mode (finished rows wait, frozen, for the next host check);
+    otherwise every working row is live and has made ``k + 1`` evaluations.
+    """
+
+    orig: Tensor  # (n,) original row index
+    z: Tensor  # (n, D)
+    best_z: Tensor  # (n, D)
+    best_abs: Tensor  # (n,)
+    best_rel: Tensor  # (n,)
+    start_abs: Tensor  # (n,) absolute residual of z0
+    streak: Tensor  # (n,) consecutive non-finite evaluations
+    nfe: Tensor  # (n,)
+    live: Tensor  # (n,) bool
+
+    def take(self, keep: Tensor) -> _Rows:
+        z = self.z[keep]
+        return _Rows(
+            orig=self.orig[keep],
+            z=z,
+            best_z=z if self.best_z is self.z else self.best_z[keep],
+            best_abs=self.best_abs[keep],
+            best_rel=self.best_rel[keep],
+            start_abs=self.start_abs[keep],
+            streak=self.streak[keep],
+            nfe=self.nfe[keep],
+            live=self.live[keep],
+        )
 
 
 class _Outputs:
@@ -152,121 +244,109 @@ class _Outputs:
         )
 
 
-def run(
-    problem: FixedPointProblem, solver: Solver[Any], *, trace: bool = False, throw: bool = False
-) -> Solution:
-    """Drive ``solver`` on ``problem``: the single iteration loop behind every solve.
+class _Loop:
+    """One solve: the setup both paths share, then :meth:`run_tolerance` or :meth:`run_budget`."""
 
-    Args:
-        problem: the map, start point ``z0: (B, *S)`` and injection.
-        solver: a :class:`Solver`; its fields set tolerance, stop mode, norm and budget.
-        trace: also return the per-iteration residual traces ``(K, B)``.
-        throw: raise :class:`~deqgen.stats.SolverError` when a sample ends with status MAX_ITER or NON_FINITE.
+    def __init__(self, problem: FixedPointProblem, solver: Solver[Any], want_trace: bool) -> None:
+        z0 = problem.z0.detach()
+        self.problem, self.solver, self.want_trace = problem, solver, want_trace
+        self.B, self.S = problem.batch_size, problem.sample_shape
+        self.dtype = _iterate_dtype(z0, solver)
+        self.rdtype = work_dtype(self.dtype)
+        self.ord = 2.0 if solver.norm == "l2" else math.inf
+        self.z = z0.reshape(self.B, -1).to(self.dtype)
+        self.traces: list[tuple[Tensor, Tensor]] = []
+        self.rows_evaluated = 0
 
-    Returns:
-        A :class:`~deqgen.stats.Solution` with ``z: (B, *S)`` in ``z0``'s dtype and per-sample stats. With a
-        tolerance, each sample's ``z`` is its lowest-residual iterate (the converged one when it converged).
+    def residuals(self, fz: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``g = f(z) - z``, its absolute and relative norms, and the ``(n,)`` mask of finite residuals."""
+        g = fz - z
+        res_abs, res_rel = residual_norms(g, fz, self.ord, self.rdtype)
+        # rel is +inf (not NaN) for a finite f(z) = 0, which is no reason to stop
+        return g, res_abs, res_rel, torch.isfinite(res_abs) & ~torch.isnan(res_rel)
 
-    The loop runs under ``torch.no_grad()``: gradients are the business of deqgen's gradient methods.
-    """
-    if not isinstance(problem, FixedPointProblem):
-        raise TypeError(f"run() needs a FixedPointProblem, got {type(problem).__name__}")
-    if not isinstance(solver, Solver):
-        raise TypeError(f"run() needs a deqgen Solver (Picard, Anderson, Broyden), got {type(solver).__name__}")
-    with torch.no_grad():
-        solution = _run(problem, solver, trace)
-    if throw:
-        solution.raise_for_status()
-    return solution
-
-
-@dataclasses.dataclass
-class _Rows:
-    """The working set: the ``n <= B`` rows still in the loop, each field batch-first.
-
-    ``best_*`` hold each row's lowest-residual evaluated iterate; ``best_z`` may alias ``z``. ``nfe`` and
-    ``live`` are per row only in masked mode (finished rows wait, frozen, for the next host check); otherwise
-    every working row is live and has made ``k + 1`` evaluations.
-    """
-
-    orig: Tensor  # (n,) original row index
-    z: Tensor  # (n, D)
-    best_z: Tensor  # (n, D)
-    best_abs: Tensor  # (n,)
-    best_rel: Tensor  # (n,)
-    nfe: Tensor  # (n,)
-    live: Tensor  # (n,) bool
-
-    def take(self, keep: Tensor) -> _Rows:
-        z = self.z[keep]
-        best_z = z if self.best_z is self.z else self.best_z[keep]
-        return _Rows(
-            self.orig[keep], z, best_z, self.best_abs[keep], self.best_rel[keep], self.nfe[keep], self.live[keep]
-        )
-
-
-def _run(problem: FixedPointProblem, solver: Solver[Any], want_trace: bool) -> Solution:
-    z0 = problem.z0.detach()
-    B, S = problem.batch_size, problem.sample_shape
-    rdtype = _residual_dtype(z0.dtype)
-    fixed, rel = solver.tol is None, solver.stop_mode == "rel"
-    # Between host checks, finished rows are frozen on the device by a mask (and nfe is counted per row).
-    # With a check every iteration they are dropped before the next step: no mask, and nfe = k + 1.
-    masked = fixed or solver.check_every > 1
-    ord_ = 2.0 if solver.norm == "l2" else math.inf
-
-    z = z0.reshape(B, -1)
-    dev = z.device
-    inf = torch.full((B,), math.inf, dtype=rdtype, device=dev)
-    rows = _Rows(
-        torch.arange(B, device=dev), z, z, inf, inf.clone(),
-        torch.zeros(B, dtype=torch.int64, device=dev), torch.ones(B, dtype=torch.bool, device=dev),
-    )
-    x_rows = problem.x
-    z_full = None if problem.separable else z.clone()
-    state = solver.init(z)
-    out = _Outputs(z, rdtype)
-    traces: list[tuple[Tensor, Tensor]] = []
-    rows_evaluated = iterations = 0
-    all_done = False
-
-    for k in range(solver.max_iter):
-        n = rows.z.shape[0]
-        fz = _evaluate(problem, rows.z, k, rows.orig, n < B, x_rows, z_full, S)
-        rows_evaluated += n if problem.separable else B
-        iterations = k + 1
-        g = fz - rows.z
-        res_abs = torch.linalg.vector_norm(g, ord=ord_, dim=1, dtype=rdtype)
-        res_rel = res_abs / torch.linalg.vector_norm(fz, ord=ord_, dim=1, dtype=rdtype).clamp_min(
-            torch.finfo(rdtype).tiny
-        )
-        res = res_rel if rel else res_abs
-        if want_trace:
-            traces.append(_trace_row(res_abs, res_rel, rows.live if masked else None, rows.orig, B))
-        if masked:
-            rows.nfe += rows.live
-        if fixed:  # no test, no host sync: only non-finite rows are frozen
-            rows.best_abs = torch.where(rows.live, res_abs, rows.best_abs)
-            rows.best_rel = torch.where(rows.live, res_rel, rows.best_rel)
-            rows.live = rows.live & torch.isfinite(res_abs)
+    def evaluate(self, z: Tensor, k: int, orig: Tensor | None, x_rows: Any, z_full: Tensor | None) -> Tensor:
+        """``f`` on the working rows ``z: (n, D)``: only them for a separable problem, else all ``B`` rows (the
+        frozen ones at their final values, kept in ``z_full``). ``orig`` is None when all rows are working."""
+        if z_full is not None and orig is not None:
+            z_full.index_copy_(0, orig, z)
+            zin = z_full
         else:
-            _track_best(rows, res, res_abs, res_rel, rel, masked)
-            # False once converged or f returned NaN/Inf. Finiteness is judged on the abs residual: the rel one
-            # is +inf for a finite f(z) = 0 (z != 0), which is no reason to stop.
-            running = (res > solver.tol) & torch.isfinite(res_abs)
+            zin = z
+        rows = orig if z_full is None else None
+        shape = (zin.shape[0], *self.S)
+        fz = self.problem.evaluate(zin.view(shape), k, rows, x_rows)
+        fz = _checked_output(fz, shape, zin.dtype, k).reshape(shape[0], -1)
+        self.rows_evaluated += shape[0]
+        return fz[orig] if z_full is not None and orig is not None else fz
+
+    def record(self, res_abs: Tensor, res_rel: Tensor, live: Tensor | None, orig: Tensor) -> None:
+        if self.want_trace:
+            self.traces.append(_trace_row(res_abs, res_rel, live, orig, self.B))
+
+    def solution(self, out: _Outputs, iterations: int) -> Solution:
+        z = out.z.reshape(self.problem.z0.shape).to(self.problem.z0.dtype)
+        return Solution(z=z, stats=out.stats(iterations, self.rows_evaluated, self.traces))
+
+    def run_budget(self) -> Solution:
+        """Exactly ``max_iter`` evaluations and steps, no host sync; non-finite rows are frozen."""
+        solver, z = self.solver, self.z
+        B, dev = self.B, z.device
+        orig = torch.arange(B, device=dev)
+        live = torch.ones(B, dtype=torch.bool, device=dev)
+        nfe = torch.zeros(B, dtype=torch.int64, device=dev)
+        last_abs = last_rel = torch.full((B,), math.nan, dtype=self.rdtype, device=dev)
+        state = solver.init(z)
+        for k in range(solver.max_iter):
+            fz = self.evaluate(z, k, None, self.problem.x, None)
+            g, res_abs, res_rel, finite = self.residuals(fz, z)
+            self.record(res_abs, res_rel, live, orig)
+            nfe += live
+            last_abs = torch.where(live, res_abs, last_abs)
+            last_rel = torch.where(live, res_rel, last_rel)
+            live = live & finite
+            z_next, state = solver.step(state, z, fz, g, res_abs)
+            z = torch.where(live[:, None], z_next, z)
+        out = _Outputs(z, self.rdtype)
+        status = torch.where(live, int(Status.BUDGET), int(Status.NON_FINITE))
+        out.write(orig, z, last_abs, last_rel, status, nfe)
+        return self.solution(out, solver.max_iter)
+
+    def run_tolerance(self) -> Solution:
+        """Evaluate, test and step until every row has converged, gone non-finite or spent ``max_iter``."""
+        solver, problem, B = self.solver, self.problem, self.B
+        # Between host checks, finished rows are frozen on the device by a mask (and nfe is counted per row).
+        # With a check every iteration they are dropped before the next step: no mask, and nfe = k + 1.
+        masked = solver.check_every > 1
+        rows = _initial_rows(self.z, self.rdtype)
+        x_rows = problem.x
+        z_full = None if problem.separable else self.z.clone()
+        state = solver.init(self.z)
+        out = _Outputs(self.z, self.rdtype)
+        iterations = 0
+        for k in range(solver.max_iter):
+            n = rows.z.shape[0]
+            fz = self.evaluate(rows.z, k, rows.orig if n < B else None, x_rows, z_full)
+            iterations = k + 1
+            g, res_abs, res_rel, finite = self.residuals(fz, rows.z)
+            self.record(res_abs, res_rel, rows.live if masked else None, rows.orig)
+            if masked:
+                rows.nfe += rows.live
+            converged = _stop_rule(solver, res_abs, res_rel)
+            _track_best(rows, k, res_abs, res_rel, finite, converged, solver.stop_mode == "rel", masked)
+            running = ~converged & _survives(rows, finite, k, solver.non_finite_retries)
             rows.live = (rows.live & running) if masked else running
             if (k + 1) % solver.check_every == 0 or k + 1 == solver.max_iter:
                 live_host = rows.live.cpu()  # the host check: the only synchronisation of the iteration
                 done_host = (~live_host).nonzero().squeeze(1)
                 if done_host.numel():
-                    done = done_host.to(dev, non_blocking=True)
-                    _retire(out, rows, done, solver.tol, rel, None if masked else k + 1)
+                    done = done_host.to(rows.z.device, non_blocking=True)
+                    _retire(out, rows, done, solver, None if masked else k + 1)
                     if done_host.numel() == n:
-                        all_done = True
-                        break
+                        return self.solution(out, iterations)
                     if z_full is not None:  # f sees all B rows: the frozen ones keep their last values
                         z_full.index_copy_(0, rows.orig[done], rows.z[done])
-                    keep = live_host.nonzero().squeeze(1).to(dev, non_blocking=True)
+                    keep = live_host.nonzero().squeeze(1).to(rows.z.device, non_blocking=True)
                     rows = rows.take(keep)
                     fz, g, res_abs = fz[keep], g[keep], res_abs[keep]
                     state = take_rows(state, keep)
@@ -274,23 +354,58 @@ def _run(problem: FixedPointProblem, solver: Solver[Any], want_trace: bool) -> S
                         x_rows = problem.x[rows.orig]
             if k + 1 == solver.max_iter:
                 break  # no step after the last evaluation: the best evaluated iterate is returned
-        z_next, state = solver.step(state, rows.z, fz, g, res_abs)
-        rows.z = torch.where(rows.live[:, None], z_next, rows.z) if masked else z_next
-
-    if fixed:
-        status = torch.where(rows.live, int(Status.BUDGET), int(Status.NON_FINITE))
-        out.write(rows.orig, rows.z, rows.best_abs, rows.best_rel, status, rows.nfe)
-    elif not all_done:  # the last check dropped every finished row: the rest ran out of iterations
+            z_next, state = solver.step(state, rows.z, fz, g, res_abs)
+            rows.z = torch.where(rows.live[:, None], z_next, rows.z) if masked else z_next
+        # the last check retired every finished row: the rest ran out of iterations
         status = torch.full_like(rows.orig, int(Status.MAX_ITER))
         out.write(rows.orig, rows.best_z, rows.best_abs, rows.best_rel, status, rows.nfe if masked else iterations)
-    return Solution(z=out.z.reshape(problem.z0.shape), stats=out.stats(iterations, rows_evaluated, traces))
+        return self.solution(out, iterations)
 
 
-def _track_best(rows: _Rows, res: Tensor, res_abs: Tensor, res_rel: Tensor, rel: bool, masked: bool) -> None:
-    """Keep each row's lowest stop-mode residual and its iterate (NaN never counts as lower)."""
-    improved = res < (rows.best_rel if rel else rows.best_abs)
+def _iterate_dtype(z0: Tensor, solver: Solver[Any]) -> torch.dtype:
+    """float32 for a half-precision ``z0`` under autocast (unless ``upcast_half=False``), else ``z0``'s dtype."""
+    if solver.upcast_half and z0.dtype in _HALF and torch.is_autocast_enabled(z0.device.type):
+        return torch.float32
+    return z0.dtype
+
+
+def _initial_rows(z: Tensor, rdtype: torch.dtype) -> _Rows:
+    B, dev = z.shape[0], z.device
+    inf = torch.full((B,), math.inf, dtype=rdtype, device=dev)
+    return _Rows(
+        orig=torch.arange(B, device=dev),
+        z=z,
+        best_z=z,
+        best_abs=inf,
+        best_rel=inf.clone(),
+        start_abs=inf.clone(),
+        streak=torch.zeros(B, dtype=torch.int32, device=dev),
+        nfe=torch.zeros(B, dtype=torch.int64, device=dev),
+        live=torch.ones(B, dtype=torch.bool, device=dev),
+    )
+
+
+def _stop_rule(solver: Solver[Any], res_abs: Tensor, res_rel: Tensor) -> Tensor:
+    """``(n,)`` bool: ``abs <= tol`` (abs mode), or ``rel <= tol or abs <= atol`` (rel mode). NaN never stops."""
+    if solver.stop_mode == "abs":
+        return res_abs <= solver.tol
+    met = res_rel <= solver.tol
+    return (met | (res_abs <= solver.atol)) if solver.atol > 0 else met
+
+
+def _track_best(
+    rows: _Rows, k: int, res_abs: Tensor, res_rel: Tensor, finite: Tensor, converged: Tensor, rel: bool, masked: bool
+) -> None:
+    """Keep each row's best iterate (see :func:`run`); the start and a converged iterate always count."""
+    if k == 0:
+        rows.start_abs = torch.where(finite, res_abs, math.inf)
+        improved = finite
+    elif rel:  # lowest rel among iterates no worse than the start in abs: rel alone is scale-dependent
+        improved = converged | ((res_rel < rows.best_rel) & (res_abs <= rows.start_abs))
+    else:
+        improved = res_abs < rows.best_abs  # NaN never counts as lower
     if masked:
-        improved &= rows.live
+        improved = improved & rows.live
     if not masked and known_false(~improved):  # every row improved (known for free on CPU): alias
         rows.best_abs, rows.best_rel, rows.best_z = res_abs, res_rel, rows.z
         return
@@ -299,50 +414,36 @@ def _track_best(rows: _Rows, res: Tensor, res_abs: Tensor, res_rel: Tensor, rel:
     rows.best_z = torch.where(improved[:, None], rows.z, rows.best_z)
 
 
-def _retire(out: _Outputs, rows: _Rows, done: Tensor, tol: float, rel: bool, nfe: int | None) -> None:
-    """Write the finished rows ``done`` to the outputs: converged when their best residual is <= tol, else
-    the loop stopped them for a NaN/Inf residual."""
-    best = (rows.best_rel if rel else rows.best_abs)[done]
-    status = torch.where(best <= tol, int(Status.CONVERGED), int(Status.NON_FINITE))
-    out.write(
-        rows.orig[done], rows.best_z[done], rows.best_abs[done], rows.best_rel[done], status,
-        rows.nfe[done] if nfe is None else nfe,
+def _survives(rows: _Rows, finite: Tensor, k: int, retries: int) -> Tensor:
+    """``(n,)`` bool: the row may go on. A non-finite residual ends it unless the solver backs off from it
+    (at most ``retries`` times in a row, never at the start, where there is nothing to go back to)."""
+    if retries == 0 or k == 0:
+        return finite
+    rows.streak = torch.where(finite, 0, rows.streak + 1)
+    return finite | (rows.streak <= retries)
+
+
+def _retire(out: _Outputs, rows: _Rows, done: Tensor, solver: Solver[Any], nfe: int | None) -> None:
+    """Write the finished rows ``done`` to the outputs: converged when their best iterate meets the stop rule,
+    else the loop stopped them for a NaN/Inf residual."""
+    best_abs, best_rel = rows.best_abs[done], rows.best_rel[done]
+    status = torch.where(_stop_rule(solver, best_abs, best_rel), int(Status.CONVERGED), int(Status.NON_FINITE))
+    out.write(rows.orig[done], rows.best_z[done], best_abs, best_rel, status, rows.nfe[done] if nfe is None else nfe)
+
+
+def _checked_output(fz: Any, shape: tuple[int, ...], dtype: torch.dtype, k: int) -> Tensor:
+    """``fz`` in ``dtype`` after checking it is a tensor of ``shape``; a half-precision output is accepted (and
+    cast up) when the loop iterates a half-precision ``z0`` in float32 under autocast."""
+    if isinstance(fz, Tensor) and fz.shape == shape:
+        if fz.dtype == dtype:
+            return fz
+        if dtype == torch.float32 and fz.dtype in _HALF and torch.is_autocast_enabled(fz.device.type):
+            return fz.float()
+    got = f"shape {tuple(fz.shape)}, dtype {fz.dtype}" if isinstance(fz, Tensor) else type(fz).__name__
+    raise SolverError(
+        f"f must return a tensor shaped like its input z: expected shape {shape}, dtype {dtype}; "
+        f"got {got} (at iteration k={k})"
     )
-
-
-def _evaluate(
-    problem: FixedPointProblem,
-    z: Tensor,
-    k: int,
-    orig: Tensor,
-    subset: bool,
-    x_rows: Any,
-    z_full: Tensor | None,
-    S: torch.Size,
-) -> Tensor:
-    """``f`` on the working rows: only them for a separable problem, else all ``B`` rows (frozen ones kept)."""
-    if z_full is None:
-        zin = z
-        rows = orig if subset else None
-    else:
-        if subset:
-            z_full.index_copy_(0, orig, z)
-            zin = z_full
-        else:
-            zin = z
-        rows = None
-    shape = (zin.shape[0], *S)
-    fz = problem.evaluate(zin.view(shape), k, rows, x_rows)
-    if not isinstance(fz, Tensor) or fz.shape != shape or fz.dtype != zin.dtype:
-        got = f"shape {tuple(fz.shape)}, dtype {fz.dtype}" if isinstance(fz, Tensor) else type(fz).__name__
-        raise SolverError(
-            f"f must return a tensor shaped like its input z: expected shape {shape}, dtype {zin.dtype}; "
-            f"got {got} (at iteration k={k})"
-        )
-    fz = fz.reshape(shape[0], -1)
-    if z_full is not None and subset:
-        fz = fz[orig]
-    return fz
 
 
 def _trace_row(res_abs: Tensor, res_rel: Tensor, live: Tensor | None, orig: Tensor, B: int) -> tuple[Tensor, Tensor]:
@@ -352,32 +453,3 @@ def _trace_row(res_abs: Tensor, res_rel: Tensor, live: Tensor | None, orig: Tens
     full_abs = torch.full((B,), math.nan, dtype=res_abs.dtype, device=res_abs.device)
     full_rel = full_abs.clone()
     return full_abs.index_copy_(0, orig, res_abs), full_rel.index_copy_(0, orig, res_rel)
-
-
-def cast_to(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x`` in ``dtype`` (no copy when it already is): solvers work in float32+ and return ``z``'s dtype."""
-    return x if x.dtype == dtype else x.to(dtype)
-
-
-def known_false(mask: Tensor) -> bool:
-    """True when ``mask`` is certainly all False, decided without an accelerator sync.
-
-    On CPU the answer is read (a host read costs nothing there), which lets callers skip ``torch.where``
-    passes that CPU kernels make expensive. On other devices it returns False ("not known"), and callers take
-    the general, sync-free path.
-    """
-    return mask.device.type == "cpu" and not bool(mask.any())
-
-
-def rowdot(A: Tensor, v: Tensor) -> Tensor:
-    """``(A @ v)`` per row: ``A: (B, m, D)``, ``v: (B, D)`` -> ``(B, m)``.
-
-    Written as a row-vector times transposed matrix product: on CPU this is ~5-10x faster than
-    ``bmm(A, v[..., None])``, which runs as an unblocked matrix-vector product.
-    """
-    return torch.bmm(v.unsqueeze(1), A.transpose(1, 2)).squeeze(1)
-
-
-def combine(c: Tensor, A: Tensor) -> Tensor:
-    """``A^T c`` per row: ``c: (B, m)``, ``A: (B, m, D)`` -> ``(B, D)``."""
-    return torch.bmm(c.unsqueeze(1), A).squeeze(1)

@@ -8,8 +8,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from deqgen.solvers.base import Solver, check_int, combine, known_false, rowdot
-from deqgen.solvers.base import cast_to as _out
+from deqgen.solvers.base import Solver, check_int
+from deqgen.solvers.numerics import cast_to as _out
+from deqgen.solvers.numerics import combine, known_false, rowdot
 
 __all__ = ["Broyden", "BroydenState"]
 

@@ -1,5 +1,7 @@
-"""Attention building blocks: kernel dispatch (:mod:`deqgen.nn.attention`) and VAR's block-causal masks
-(:mod:`deqgen.nn.masks`). KV caches live in :mod:`deqgen.kv_cache`."""
+"""Reusable parts for any cell: attention kernel dispatch (:mod:`deqgen.nn.attention`), VAR's block-causal
+masks (:mod:`deqgen.nn.masks`), iteration-consistent dropout (:mod:`deqgen.nn.dropout`) and weight/spectral
+normalisation computed once per solve (:mod:`deqgen.nn.normalization`). KV caches live in
+:mod:`deqgen.kv_cache`."""
 
 from deqgen.nn.attention import (
     AttentionBackend,
@@ -8,7 +10,9 @@ from deqgen.nn.attention import (
     probe_backend,
     resolve_backend,
 )
+from deqgen.nn.dropout import VariationalDropout, dropout_mask, new_solve
 from deqgen.nn.masks import block_causal_bias, block_causal_mask, level_index, scale_slices, tokens_per_scale
+from deqgen.nn.normalization import apply_norm, normalized_once, spectral_norm, weight_norm
 
 __all__ = [
     "AttentionBackend",
@@ -21,4 +25,11 @@ __all__ = [
     "level_index",
     "scale_slices",
     "tokens_per_scale",
+    "VariationalDropout",
+    "dropout_mask",
+    "new_solve",
+    "apply_norm",
+    "normalized_once",
+    "spectral_norm",
+    "weight_norm",
 ]

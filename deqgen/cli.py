@@ -52,7 +52,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vqvae", required=True, help="converted tokenizer directory")
     p.add_argument("--schedule", default=None, help="e.g. constant:10, linear:10:5:floor, adaptive:1e-3:10")
     p.add_argument("--solver", default=None, choices=["picard", "anderson", "broyden"])
-    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale")
     p.add_argument("--top-k", type=int, default=900)
     p.add_argument("--top-p", type=float, default=0.96)
     p.add_argument("--seed", type=int, default=0)
@@ -73,7 +73,8 @@ def _load_recipe(args: argparse.Namespace) -> Any:
     """The validated recipe of ``train``/``pretokenize``, or None after printing the error (exit 2)."""
     import json
 
-    from deqgen.recipes.config import ConfigError, load_config
+    from deqgen.training.config import load_config
+    from deqgen.training.schema import ConfigError
 
     a, b = args.config_path, args.config_flag
     if a is not None and b is not None and a != b:
@@ -100,7 +101,7 @@ def _pretokenize(args: argparse.Namespace) -> int:
     if cfg is None:
         return 2
     from deqgen.models.viar.convert import CheckpointError
-    from deqgen.recipes.tokens import pretokenize_recipe
+    from deqgen.training.tasks.generation.tokens import pretokenize_recipe
 
     try:
         out = pretokenize_recipe(cfg, args.out, batch_size=args.batch_size)
@@ -116,8 +117,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _load_recipe(args)
     if cfg is None:
         return 2
-    from deqgen.recipes.checkpoint import CheckpointConfigMismatch, CheckpointError
-    from deqgen.recipes.train import main as train_main
+    from deqgen.training.checkpoint import CheckpointConfigMismatch, CheckpointError
+    from deqgen.training.train import main as train_main
 
     try:
         return int(train_main(cfg) or 0)
@@ -135,7 +136,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=None, help="VIAR per-scale iterations, e.g. constant:10, linear:10:5")
     p.add_argument("--cache", default="iteration", choices=["iteration", "lean"], help="VIAR's implicit KV cache")
     p.add_argument("--warm-start", action="store_true", help="start each scale from the previous equilibrium")
-    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale")
     p.add_argument("--top-k", type=int, default=900)
     p.add_argument("--top-p", type=float, default=0.96)
     p.add_argument("--seed", type=int, default=0)
@@ -155,7 +156,7 @@ def _eval(args: argparse.Namespace) -> int:
     from deqgen.models.viar.convert import CheckpointError
     from deqgen.models.viar.model import NextScaleTransformer
     from deqgen.models.viar.vqvae import MultiScaleVQVAE
-    from deqgen.recipes.distributed import barrier, init_distributed, teardown
+    from deqgen.training.distributed import barrier, init_distributed, teardown
 
     out: Path = args.out
     try:
@@ -169,7 +170,7 @@ def _eval(args: argparse.Namespace) -> int:
         classes = tuple(args.classes) if args.classes else tuple(range(model.num_classes))
         if max(classes) >= model.num_classes or min(classes) < 0:
             raise ValueError(f"--classes {list(classes)}: the model has classes 0..{model.num_classes - 1}")
-        spec = sf.SampleSpec(classes, args.per_class, args.schedule, args.cfg, args.top_k, args.top_p, args.seed,
+        spec = sf.SampleSpec(classes, args.per_class, args.schedule, args.cfg_scale, args.top_k, args.top_p, args.seed,
                              args.batch_size, args.cache, args.warm_start)
         shards = sf.shard_dir_for(out)
         identity = {"model": sf.checkpoint_identity(args.model), "vqvae": sf.checkpoint_identity(args.vqvae)}
@@ -284,12 +285,12 @@ def main(argv: list[str] | None = None) -> int:
             out = convert_checkpoint(args.src, args.dst, kind=args.kind, patch_nums=pn)
             print(f"wrote {out}")
             return 0
-        from deqgen import solvers
         from deqgen.models.viar.sampling import EditSpec, generate
+        from deqgen.training.tasks.generation.config import build_solver
 
         model, vae = _load_pair(args.model, args.vqvae)
-        solver = solvers.get(args.solver) if args.solver else None
-        kw = dict(schedule=args.schedule, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, solver=solver,
+        solver = build_solver(args.solver) if args.solver else None
+        kw = dict(schedule=args.schedule, cfg=args.cfg_scale, top_k=args.top_k, top_p=args.top_p, solver=solver,
                   generator=torch.Generator().manual_seed(args.seed))
         if args.cmd == "sample":
             labels = torch.tensor(args.classes).repeat_interleave(args.per_class)

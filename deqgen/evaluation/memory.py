@@ -1,4 +1,9 @@
-"""Counting the bytes autograd holds for backward, device-independently (CPU included).
+"""Memory measurements shared by training, ``deqgen report`` and the benchmarks.
+
+:func:`peak_memory_bytes` is the process's high-water mark: peak allocated CUDA memory on a GPU, the peak
+resident set size (``ru_maxrss``) on CPU.
+
+Counting the bytes autograd holds for backward, device-independently (CPU included):
 
 :class:`SavedTensorBytes` is a ``torch.autograd.graph.saved_tensors_hooks`` pack/unpack pair: every tensor
 autograd saves is counted once per storage (parameters excluded) until autograd drops it, and the peak is
@@ -17,11 +22,29 @@ Example:
 
 from __future__ import annotations
 
+import resource
+import sys
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["SavedTensorBytes"]
+__all__ = ["SavedTensorBytes", "peak_memory_bytes"]
+
+
+def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
+    """Peak memory of this process so far, in bytes.
+
+    Args:
+        device: a CUDA device: ``torch.cuda.max_memory_allocated`` (reset it with
+            ``torch.cuda.reset_peak_memory_stats``); otherwise the peak resident set size, which only grows
+            (subtract an earlier reading to measure one phase).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS reports bytes, Linux KiB
 
 
 class SavedTensorBytes:

@@ -144,7 +144,7 @@ class DemoRun:
         heldout: ``(N, 1, H, W)`` held-out real digits in ``[-1, 1]`` (never seen by the generators).
         heldout_labels: ``(N,)`` int64.
         train: ``(M, 1, H, W)`` the generators' training digits; ``train_labels`` ``(M,)``.
-        sampling: the demo's sampler settings (``schedule``, ``cfg``, ``top_k``, ``top_p``, ``seed``).
+        sampling: the demo's sampler settings (``schedule``, ``cfg_scale``, ``top_k``, ``top_p``, ``seed``).
         demo_metrics: the demo's own ``metrics.json`` (empty if absent).
     """
 
@@ -198,7 +198,7 @@ def load_demo_run(run_dir: str | Path) -> DemoRun:
     metrics_path = run_dir / "metrics.json"
     demo_metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     cfg = demo_metrics.get("config", {})
-    sampling = {"schedule": cfg.get("sample_schedule", "linear:4:2"), "cfg": float(cfg.get("cfg", 2.0)),
+    sampling = {"schedule": cfg.get("sample_schedule", "linear:4:2"), "cfg_scale": float(cfg.get("cfg_scale", 2.0)),
                 "top_k": int(cfg.get("top_k", 0)), "top_p": float(cfg.get("top_p", 0.0)), "seed": seed}
     return DemoRun(run_dir, viar, var, vqvae, classifier, parts[1].images, parts[1].labels, parts[0].images,
                    parts[0].labels, sampling, demo_metrics)
@@ -276,7 +276,7 @@ def sweep_configs(run: DemoRun, settings: ReportSettings) -> list[SamplerConfig]
 def _generate(run: DemoRun, c: SamplerConfig, labels: Tensor, offset: int) -> SampleResult:
     model = run.viar if c.model == "viar" else run.var
     s = run.sampling
-    return generate(model, run.vqvae, labels, schedule=c.schedule if c.model == "viar" else None, cfg=s["cfg"],
+    return generate(model, run.vqvae, labels, schedule=c.schedule if c.model == "viar" else None, cfg=s["cfg_scale"],
                     top_k=s["top_k"], top_p=s["top_p"], seed=s["seed"], sample_offset=offset, cache=c.cache,
                     warm_start=c.warm_start)
 
@@ -684,7 +684,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, quic
     labels = torch.arange(10).repeat_interleave(settings.convergence_per_class)
     s = run.sampling
     convergence = {cache: convergence_curves(run.viar, run.vqvae, labels, iterations=settings.convergence_iterations,
-                                             cache=cache, cfg=s["cfg"], top_k=s["top_k"], top_p=s["top_p"],
+                                             cache=cache, cfg=s["cfg_scale"], top_k=s["top_k"], top_p=s["top_p"],
                                              seed=s["seed"])
                    for cache in ("iteration", "lean")}
     machine = {"cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,

@@ -236,7 +236,7 @@ def write_report(d: ReportData, out_dir: Path) -> Path:
          "Timings are measured side by side in one run (round robin over configurations, batch by batch) and are "
          "best read as ratios; the machine may be shared."),
         "",
-        (f"Sampler settings from the demo: cfg {d.sampling['cfg']}, top-k {d.sampling['top_k']}, top-p "
+        (f"Sampler settings from the demo: cfg scale {d.sampling['cfg_scale']}, top-k {d.sampling['top_k']}, top-p "
          f"{d.sampling['top_p']}, seed {d.sampling['seed']}; {d.settings.per_class} samples per class per "
          f"configuration, batches of {d.settings.batch_size}; every configuration draws the same per-sample seeds. "
          "Quality is judged by the run's own digits classifier (trained on held-out real digits the generators "

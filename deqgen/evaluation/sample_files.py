@@ -75,7 +75,7 @@ class SampleSpec:
         per_class: samples per class; sample ``i`` has class ``classes[i // per_class]``.
         schedule: VIAR's per-scale iteration schedule spec (e.g. ``"linear:4:2"``); ``None`` = the model's
             default. Ignored by VAR.
-        cfg: guidance strength (0 = no guidance).
+        cfg_scale: classifier-free guidance scale (0 = no guidance).
         top_k: top-k filter (0 = off).
         top_p: nucleus filter (0 = off).
         seed: run seed; sample ``i`` draws from a generator seeded by ``(seed, i)``.
@@ -87,7 +87,7 @@ class SampleSpec:
     classes: tuple[int, ...]
     per_class: int
     schedule: str | None = None
-    cfg: float = 1.5
+    cfg_scale: float = 1.5
     top_k: int = 0
     top_p: float = 0.0
     seed: int = 0
@@ -106,8 +106,8 @@ class SampleSpec:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
-        if not math.isfinite(self.cfg) or self.cfg < 0:
-            raise ValueError(f"cfg must be a finite number >= 0 (0 = no guidance), got {self.cfg!r}")
+        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be a finite number >= 0 (0 = no guidance), got {self.cfg_scale!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not 0.0 <= self.top_p <= 1.0:
@@ -244,7 +244,7 @@ def sample_shards(
     logger.info("rank %d/%d: %d of %d shards to sample (%d samples each)", rank, world_size, len(pending),
                 len(writer.chunks()), spec.batch_size)
     for chunk in _progress(pending, progress):
-        res = generate(model, vqvae, spec.labels(chunk).to(device), schedule=spec.schedule, cfg=spec.cfg,
+        res = generate(model, vqvae, spec.labels(chunk).to(device), schedule=spec.schedule, cfg=spec.cfg_scale,
                        top_k=spec.top_k, top_p=spec.top_p, seed=spec.seed, sample_offset=chunk.start,
                        cache=spec.cache, warm_start=spec.warm_start)
         writer.write(chunk, to_uint8_nhwc(res.images, value_range=(0.0, 1.0)))

@@ -18,7 +18,7 @@ from deqgen.evaluation.npz import read_samples_npz, to_uint8_nhwc, write_samples
 from deqgen.models.viar.convert import load_converted
 from deqgen.models.viar.sampling import generate
 
-SPEC = sf.SampleSpec(classes=(3, 1), per_class=3, schedule="constant:2", cfg=1.5, top_k=5, seed=7, batch_size=2)
+SPEC = sf.SampleSpec(classes=(3, 1), per_class=3, schedule="constant:2", cfg_scale=1.5, top_k=5, seed=7, batch_size=2)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ import pickle
 import random
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,24 +44,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from deqgen.recipes.config import (
-    ConfigError,
-    RecipeConfig,
-    build_baseline_config,
-    build_model_config,
-    config_to_yaml,
-    load_config_text,
-)
-from deqgen.recipes.distributed import DistInfo, barrier
+from deqgen.training.distributed import DistInfo, barrier
+from deqgen.training.schema import TrainConfig, config_to_yaml
 
 __all__ = [
     "Checkpoint",
     "CheckpointConfigMismatch",
     "CheckpointError",
     "CheckpointManager",
+    "ConfigCheck",
     "capture_rng_state",
-    "check_config_compatible",
-    "config_differences",
     "gather_full_state",
     "restore_rng_state",
     "scatter_full_state",
@@ -84,6 +76,12 @@ class CheckpointError(RuntimeError):
 
 class CheckpointConfigMismatch(ValueError):
     """The checkpoint's stored config builds a different model than the run's config."""
+
+
+#: ``check(saved_yaml, current, source)``: raise :class:`CheckpointConfigMismatch` when the config stored in
+#: checkpoint ``source`` builds a different model than ``current``
+#: (:func:`deqgen.training.config.check_config_compatible`).
+ConfigCheck = Callable[[str, TrainConfig, str], None]
 
 
 @dataclass(frozen=True)
@@ -148,64 +146,6 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
             g.set_state(saved[name])
         else:
             logger.warning("checkpoint has no state for generator %r; it keeps its current state", name)
-
-
-# ---- config compatibility -----------------------------------------------------------------------------------------
-
-_MODEL_SHAPE_FIELDS = ("depth", "embed_dim", "num_heads", "mlp_ratio", "patch_nums", "vocab_size", "z_channels",
-                       "num_classes", "attn_l2_norm", "shared_aln")
-_IMPLICIT_SHAPE_FIELDS = ("pre_depth", "post_depth", "weight_norm")
-_TOKENIZER_SHAPE_FIELDS = ("vocab_size", "z_channels", "ch", "ch_mult", "num_res_blocks", "patch_nums",
-                           "share_quant_resi", "quant_resi", "in_channels", "norm_groups", "level_attention",
-                           "mid_attention")
-
-
-def _transformer_differences(section: str, old: Any, new: Any) -> list[str]:
-    if old is None or new is None:
-        if (old is None) != (new is None):
-            kinds = ["absent" if c is None else ("VIAR" if c.implicit else "VAR") for c in (old, new)]
-            return [f"{section}: checkpoint {kinds[0]}, run {kinds[1]}"]
-        return []
-    out = [f"{section}.{f}: checkpoint {getattr(old, f)!r}, run {getattr(new, f)!r}"
-           for f in _MODEL_SHAPE_FIELDS if getattr(old, f) != getattr(new, f)]
-    if (old.implicit is None) != (new.implicit is None):
-        kinds = ["VAR (implicit null)" if c.implicit is None else "VIAR" for c in (old, new)]
-        out.append(f"{section}.implicit: checkpoint {kinds[0]}, run {kinds[1]}")
-    elif old.implicit is not None:
-        out += [f"{section}.implicit.{f}: checkpoint {getattr(old.implicit, f)!r}, run {getattr(new.implicit, f)!r}"
-                for f in _IMPLICIT_SHAPE_FIELDS if getattr(old.implicit, f) != getattr(new.implicit, f)]
-    return out
-
-
-def config_differences(saved: RecipeConfig, current: RecipeConfig) -> list[str]:
-    """The model-shape fields (model, baseline, tokenizer) that differ, as ``path: checkpoint X, run Y`` lines.
-
-    Training settings (lr, batch, schedules, drop rates, S-JFB ranges) may change on resume and are not listed.
-    """
-    out = _transformer_differences("model", build_model_config(saved), build_model_config(current))
-    out += _transformer_differences("baseline", build_baseline_config(saved), build_baseline_config(current))
-    out += [f"tokenizer.{f}: checkpoint {getattr(saved.tokenizer, f)!r}, run {getattr(current.tokenizer, f)!r}"
-            for f in _TOKENIZER_SHAPE_FIELDS if getattr(saved.tokenizer, f) != getattr(current.tokenizer, f)]
-    return out
-
-
-def check_config_compatible(saved_yaml: str, current: RecipeConfig, *, source: str = "checkpoint") -> None:
-    """Raise if the checkpoint's config builds a different model than ``current``.
-
-    Raises:
-        CheckpointConfigMismatch: lists every differing model-shape field, or says the stored config no
-            longer validates.
-    """
-    try:
-        saved = load_config_text(saved_yaml, source=f"{source} (stored config)", check_paths=False, world_size=1)
-    except ConfigError as e:
-        raise CheckpointConfigMismatch(f"the config stored in {source} does not validate any more:\n{e}") from None
-    diffs = config_differences(saved, current)
-    if diffs:
-        raise CheckpointConfigMismatch(
-            f"{source} was trained with a different model than this run's config:\n  - " + "\n  - ".join(diffs)
-            + "\nRestore those values (or start a new run in another logging.out_dir / with checkpoint.resume=none)."
-        )
 
 
 # ---- files ------------------------------------------------------------------------------------------------------
@@ -274,8 +214,9 @@ class CheckpointManager:
     Args:
         directory: where ``ckpt_*`` directories live (e.g. ``cfg.logging.out_dir / "checkpoints"``).
         keep_last: complete checkpoints to keep (``cfg.checkpoint.keep_last``).
-        dist: this process's :class:`~deqgen.recipes.distributed.DistInfo` (single process when None).
-        config: the run's validated config: stored with every save and compared on load.
+        dist: this process's :class:`~deqgen.training.distributed.DistInfo` (single process when None).
+        config: the run's validated config: stored with every save.
+        check: compares a checkpoint's stored config with ``config`` on load (none when None).
         verify_hash: check sha256 (not just sizes) before loading (``cfg.checkpoint.verify_hash``).
 
     Example:
@@ -290,7 +231,8 @@ class CheckpointManager:
         keep_last: int = 3,
         dist: DistInfo | None = None,
         *,
-        config: RecipeConfig | None = None,
+        config: TrainConfig | None = None,
+        check: ConfigCheck | None = None,
         verify_hash: bool = True,
     ) -> None:
         if keep_last < 1:
@@ -299,6 +241,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.dist = dist or DistInfo()
         self.config = config
+        self.check = check
         self.verify_hash = verify_hash
 
     # -- saving --------------------------------------------------------------------------------------------------
@@ -469,8 +412,8 @@ class CheckpointManager:
             return None
         path = Path(chosen)
         ckpt = self._read(path, read_model=self.dist.is_main or not model_on_main_only)
-        if self.config is not None and ckpt.config_yaml is not None:
-            check_config_compatible(ckpt.config_yaml, self.config, source=str(path))
+        if self.check is not None and self.config is not None and ckpt.config_yaml is not None:
+            self.check(ckpt.config_yaml, self.config, str(path))
         logger.info("resuming from %s (step %d)", path, ckpt.step)
         return ckpt
 

@@ -20,8 +20,9 @@ pytest.importorskip("mlxtend")
 
 from deqgen.models.viar.convert import save_converted  # noqa: E402
 from deqgen.models.viar.vqvae import MultiScaleVQVAE  # noqa: E402
-from deqgen.recipes.config import build_tokenizer_config, load_config  # noqa: E402
-from deqgen.recipes.train import run  # noqa: E402
+from deqgen.training.config import load_config  # noqa: E402
+from deqgen.training.tasks.generation.config import tokenizer_config  # noqa: E402
+from deqgen.training.train import run  # noqa: E402
 
 MNIST = Path(__file__).resolve().parents[2] / "recipes" / "mnist_cpu.yaml"
 
@@ -30,10 +31,10 @@ MNIST = Path(__file__).resolve().parents[2] / "recipes" / "mnist_cpu.yaml"
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A barely trained tokenizer of the CPU recipe's shape (token quality is irrelevant here)."""
     from deqgen.data.digits import load_digits
-    from deqgen.recipes.tokens import train_tokenizer
+    from deqgen.training.tasks.generation.tokens import train_tokenizer
 
     cfg = load_config(MNIST, check_paths=False)
-    vae = MultiScaleVQVAE(build_tokenizer_config(cfg))
+    vae = MultiScaleVQVAE(tokenizer_config(cfg.tokenizer))
     g = torch.Generator().manual_seed(0)
     vae.init_weights(g)
     train_tokenizer(vae, load_digits("mnist5k", side=16).images[:256], steps=2, lr=2e-3, batch_size=32, generator=g)
@@ -77,7 +78,7 @@ def test_tiny_run_lowers_the_loss_and_writes_everything(tokenizer_dir: Path, tmp
                                    "checkpoint.every_n_steps=12", "evaluation.every_n_steps=12"), device="cpu")
     (result,) = run(cfg)
     losses = [loss for _, loss in _losses(out)]
-    assert len(losses) == 24 and result.steps == 24 and result.name == "viar"
+    assert len(losses) == 24 and result.steps == 24 and result.role.name == "viar"
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses  # from ~ln(64) = 4.16
     for name in ("grid.png", "loss.png", "metrics.json", "config.yaml", "viar/model.safetensors",
                  "checkpoints/model/ckpt_00000012/MANIFEST.json", "checkpoints/model/ckpt_00000024/MANIFEST.json",
@@ -179,7 +180,7 @@ def test_damaged_newest_checkpoint_falls_back_or_is_refused(
 
 
 def test_warmup_longer_than_the_run_is_refused(tokenizer_dir: Path, tmp_path: Path) -> None:
-    from deqgen.recipes.config import ConfigError
+    from deqgen.training.schema import ConfigError
 
     with pytest.raises(ConfigError, match=r"optim\.warmup_steps"):
         load_config(MNIST, _tiny(tmp_path / "run", tokenizer_dir, "training.max_steps=2", "optim.warmup_steps=5"))

@@ -11,16 +11,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from deqgen.recipes.distributed import (
+from deqgen.training.distributed import (
     DistInfo,
     DistributedBatchSampler,
     all_reduce_mean,
     init_distributed,
-    is_main,
     seed_for_rank,
     shared_seed,
 )
-from deqgen.recipes.logging_utils import (
+from deqgen.training.metrics import (
     JsonlSink,
     MetricLogger,
     NullProgress,
@@ -34,7 +33,7 @@ from deqgen.recipes.logging_utils import (
 def test_distinfo_single_process_defaults() -> None:
     info = DistInfo()
     assert (info.rank, info.local_rank, info.world_size, info.device) == (0, 0, 1, torch.device("cpu"))
-    assert info.is_main and is_main(info) and not info.is_distributed
+    assert info.is_main and not info.is_distributed
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.rank = 1  # type: ignore[misc]
     with pytest.raises(ValueError, match="rank"):
@@ -103,7 +102,7 @@ def test_all_reduce_mean_single_process() -> None:
 
 def test_jsonl_and_stdout_sinks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = SimpleNamespace(jsonl=True, tensorboard=False, out_dir=tmp_path / "run")
-    with caplog.at_level(logging.INFO, logger="recipes.metrics"), make_metric_logger(cfg, DistInfo()) as log:
+    with caplog.at_level(logging.INFO, logger="deqgen.training.metrics"), make_metric_logger(cfg, DistInfo()) as log:
         log.log(10, {"loss": torch.tensor(1.5), "lr": 1e-4, "nan": float("nan")})
         lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()  # flushed before close
         log.log(20, {"loss": 1.25})
@@ -144,7 +143,7 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_stdout_sink_formats_ints_and_strings(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="recipes.metrics"):
+    with caplog.at_level(logging.INFO, logger="deqgen.training.metrics"):
         StdoutSink().log(3, {"steps": 7, "phase": "warmup"})
     assert "step 3 | steps 7 | phase warmup" in caplog.text
 

@@ -28,7 +28,6 @@ __all__ = [
     "all_reduce_mean",
     "barrier",
     "init_distributed",
-    "is_main",
     "seed_everything",
     "seed_for_rank",
     "shared_seed",
@@ -67,11 +66,6 @@ class DistInfo:
     def is_distributed(self) -> bool:
         """True when a process group spans more than one process."""
         return self.world_size > 1
-
-
-def is_main(info: DistInfo) -> bool:
-    """``info.is_main``, as a function for call sites that prefer one."""
-    return info.is_main
 
 
 def _env_int(name: str, default: int) -> int:

@@ -19,6 +19,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from deqgen.models.viar.vqvae import MultiScaleVQVAE, VQVAEConfig
+from deqgen.training.tasks.generation.config import tokenizer_config
+from deqgen.training.tasks.generation.data import digit_splits, image_folder
 
 __all__ = [
     "PretokenizedDataset",
@@ -243,19 +245,15 @@ def pretokenize_recipe(cfg: Any, out: str | Path, *, batch_size: int = 256) -> P
     training split. Point ``data.pretokenized`` at ``out`` to train on the result.
 
     Args:
-        cfg: the validated :class:`~deqgen.recipes.config.RecipeConfig`.
+        cfg: the validated :class:`~deqgen.training.tasks.generation.config.GenerationConfig`.
         out: the folder to write (must not exist).
         batch_size: images per encoder batch.
     """
     from torch.utils.data import TensorDataset
 
-    from deqgen.recipes.config import build_tokenizer_config
-
     if cfg.tokenizer.checkpoint is None:
         raise ValueError("pretokenize needs a trained tokenizer: set tokenizer.checkpoint")
-    vae = load_tokenizer(cfg.tokenizer.checkpoint, build_tokenizer_config(cfg))
-    from deqgen.recipes.train import digit_splits, image_folder
-
+    vae = load_tokenizer(cfg.tokenizer.checkpoint, tokenizer_config(cfg.tokenizer))
     if cfg.data.kind == "digits":
         train = digit_splits(cfg)[0]
         dataset: Dataset[Any] = TensorDataset(train.images, train.labels)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from deqgen.recipes.config import load_config
-from deqgen.recipes.lr_schedule import (
+from deqgen.training.config import load_config
+from deqgen.training.lr_schedule import (
     LRSchedule,
     WDSchedule,
     apply_schedules,

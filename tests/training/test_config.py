@@ -15,19 +15,15 @@ from pydantic import ValidationError
 from deqgen.gradients import JFB, SJFB
 from deqgen.models.viar.config import PRESETS, TransformerConfig
 from deqgen.cli import main
-from deqgen.recipes.config import (
-    ConfigError,
-    RecipeConfig,
-    build_baseline_config,
+from deqgen.training.config import load_config, load_config_text
+from deqgen.training.lr_schedule import peak_lr
+from deqgen.training.schema import ConfigError, TrainConfig, config_reference_markdown, config_to_yaml, parse_override
+from deqgen.training.tasks.generation.config import (
+    GenerationConfig,
     build_gradient,
-    build_model_config,
     build_solvers,
-    build_tokenizer_config,
-    config_reference_markdown,
-    config_to_yaml,
-    load_config,
-    load_config_text,
-    parse_override,
+    tokenizer_config,
+    transformer_config,
 )
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -39,15 +35,15 @@ IMAGENET = RECIPES / "viar_imagenet.yaml"
 
 def test_imagenet_recipe_is_viar_d30() -> None:
     cfg = load_config(IMAGENET, check_paths=False, world_size=8)
-    m = build_model_config(cfg)
+    m = transformer_config(cfg.model)
     assert m == PRESETS["viar_d30"]
     assert (m.depth, m.width, m.heads, m.implicit.pre_depth, m.implicit.post_depth) == (30, 1920, 30, 5, 5)  # type: ignore[union-attr]
-    assert cfg.peak_lr == pytest.approx(1.6e-4)
+    assert peak_lr(cfg.optim.lr_per_256, cfg.training.global_batch_size) == pytest.approx(1.6e-4)
     assert cfg.grad_accum_steps(8) == 1 and cfg.grad_accum_steps(1) == 8
     assert cfg.warmup_steps(2503) == 27_533 and cfg.total_steps(2503) == 1_376_650
     assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.clip_grad_norm == 2.0
     assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.end_ratio) == (0.05, 0.08, 0.01)
-    assert cfg.optim.warmup_start_ratio * cfg.peak_lr == pytest.approx(8e-7)
+    assert cfg.optim.warmup_start_ratio * peak_lr(cfg.optim.lr_per_256, cfg.training.global_batch_size) == pytest.approx(8e-7)
     assert build_gradient(cfg) == SJFB(no_grad=(0, 10), with_grad=(1, 12))
     assert (cfg.precision.dtype, cfg.distributed.strategy, cfg.attention.backend) == ("bf16", "ddp", "auto")
     assert "scale_mul" in cfg.optim.no_weight_decay and cfg.model.cond_drop_prob == 0.1
@@ -56,7 +52,7 @@ def test_imagenet_recipe_is_viar_d30() -> None:
 def test_imagenet_tokenizer_is_the_official_vqvae() -> None:
     vqvae = pytest.importorskip("deqgen.models.viar.vqvae")
     cfg = load_config(IMAGENET, check_paths=False)
-    assert build_tokenizer_config(cfg) == vqvae.VQVAE_PRESETS["vae_ch160v4096z32"]
+    assert tokenizer_config(cfg.tokenizer) == vqvae.VQVAE_PRESETS["vae_ch160v4096z32"]
 
 
 def test_imagenet_recipe_checks_its_placeholder_paths() -> None:
@@ -69,7 +65,7 @@ def test_imagenet_recipe_checks_its_placeholder_paths() -> None:
 
 def test_mnist_recipe_builds_viar_and_same_width_var() -> None:
     cfg = load_config(MNIST)
-    viar, var = build_model_config(cfg), build_baseline_config(cfg)
+    viar, var = transformer_config(cfg.model), transformer_config(cfg.baseline)
     assert viar.implicit is not None and (viar.implicit.pre_depth, viar.implicit.post_depth) == (1, 1)
     assert var is not None and var.implicit is None
     assert (viar.width, viar.heads, viar.num_classes) == (var.width, var.heads, 10)
@@ -82,25 +78,47 @@ def test_mnist_recipe_builds_viar_and_same_width_var() -> None:
 
 def test_mnist_tokenizer_builds() -> None:
     pytest.importorskip("deqgen.models.viar.vqvae")
-    tok = build_tokenizer_config(load_config(MNIST))
+    tok = tokenizer_config(load_config(MNIST).tokenizer)
     assert (tok.in_channels, tok.patch_nums[-1], tok.vocab_size) == (1, 4, 64)
 
 
-def test_tokenizer_module_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "deqgen.models.viar.vqvae", None)  # import now fails
-    cfg = load_config(MNIST)
-    with pytest.raises(ImportError):
-        build_tokenizer_config(cfg)
+def _field_defaults(section: type) -> dict[str, object]:
+    return {name: f.default for name, f in section.model_fields.items()}  # type: ignore[attr-defined]
 
 
-def test_schema_mirrors_the_library_dataclasses() -> None:
-    from deqgen.models.viar.config import ImplicitSpec
-    from deqgen.recipes.config import ImplicitSection, ModelSection, TokenizerSection
+@pytest.mark.parametrize("section_name, library", [
+    ("ModelSection", "TransformerConfig"), ("ImplicitSection", "ImplicitSpec"), ("TokenizerSection", "VQVAEConfig")])
+def test_schema_defaults_equal_the_library_defaults_by_value(section_name: str, library: str) -> None:
+    """Every field of the library dataclass is in the schema with the same default value (list or tuple alike)."""
+    from deqgen.models.viar import config as viar_config
+    from deqgen.models.viar import vqvae
+    from deqgen.training.tasks.generation import config as schema
 
-    assert {f.name for f in dataclasses.fields(TransformerConfig)} <= set(ModelSection.model_fields)
-    assert {f.name for f in dataclasses.fields(ImplicitSpec)} == set(ImplicitSection.model_fields)
-    vqvae = pytest.importorskip("deqgen.models.viar.vqvae")
-    assert {f.name for f in dataclasses.fields(vqvae.VQVAEConfig)} <= set(TokenizerSection.model_fields)
+    cls = getattr(viar_config, library, None) or getattr(vqvae, library)
+    section = getattr(schema, section_name)
+    defaults = _field_defaults(section)
+    for f in dataclasses.fields(cls):
+        if f.name == "implicit":
+            assert defaults["implicit"] is None and cls().implicit is None
+            continue
+        assert f.name in defaults, f"{section_name} lacks {library}.{f.name}"
+        want = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        got = defaults[f.name]
+        assert (list(got) if isinstance(got, tuple) else got) == (list(want) if isinstance(want, tuple) else want), \
+            f"{section_name}.{f.name} defaults to {got!r}, {library} to {want!r}"
+    # and a section built from defaults builds the library's default object
+    if section_name == "TokenizerSection":
+        assert tokenizer_config(section()) == vqvae.VQVAEConfig()
+    if section_name == "ModelSection":
+        assert transformer_config(section()) == viar_config.TransformerConfig()
+
+
+def test_nested_sections_reject_unknown_keys() -> None:
+    for key in ("model.implicit.pre_dpeth=1", "tokenizer.chmult=[1]", "model.widht=3"):
+        with pytest.raises(ConfigError, match="unknown key"):
+            load_config(MNIST, [key])
+    with pytest.raises(ConfigError, match=r"model\.implicit\.pre_dpeth: unknown key"):
+        load_config_text(MNIST.read_text().replace("pre_depth: 1", "pre_dpeth: 1"), check_paths=False)
 
 
 # ---- overrides, presets, round trip ---------------------------------------------------------------------------------
@@ -124,19 +142,19 @@ def test_overrides_apply_in_order() -> None:
 
 
 def test_implicit_null_makes_var_and_other_gradients_build() -> None:
-    assert build_model_config(load_config(MNIST, ["model.implicit=null"])).implicit is None
+    assert transformer_config(load_config(MNIST, ["model.implicit=null"]).model).implicit is None
     cfg = load_config(MNIST, ["gradient.method=jfb", "gradient.options.k=2"])
     assert build_gradient(cfg) == JFB(k=2)
 
 
 def test_preset_fills_only_missing_fields() -> None:
     cfg = load_config(IMAGENET, ["model.depth=16"], check_paths=False)
-    m = build_model_config(cfg)
+    m = transformer_config(cfg.model)
     assert (m.depth, m.width, m.heads, m.implicit.pre_depth) == (16, 1024, 16, 5)  # type: ignore[union-attr]
     assert m.drop_path_rate == pytest.approx(0.1 * 16 / 24)
-    m = build_model_config(load_config(IMAGENET, ["model.implicit.pre_depth=3"], check_paths=False))
+    m = transformer_config(load_config(IMAGENET, ["model.implicit.pre_depth=3"], check_paths=False).model)
     assert (m.implicit.pre_depth, m.implicit.post_depth) == (3, 5)  # type: ignore[union-attr]
-    assert build_model_config(load_config(IMAGENET, ["model.preset=var_d30"], check_paths=False)) == PRESETS["var_d30"]
+    assert transformer_config(load_config(IMAGENET, ["model.preset=var_d30"], check_paths=False).model) == PRESETS["var_d30"]
 
 
 @pytest.mark.parametrize("path", [MNIST, IMAGENET])
@@ -160,7 +178,7 @@ def test_world_size_checks_divisibility() -> None:
 
 
 def test_reference_markdown_lists_every_field() -> None:
-    md = config_reference_markdown()
+    md = config_reference_markdown(GenerationConfig)
     for path in ("optim.lr_per_256", "model.implicit.pre_depth", "tokenizer.train.steps", "checkpoint.resume",
                  "precision.dtype", "sampling.schedule"):
         assert f"| `{path}` |" in md
@@ -173,14 +191,14 @@ def test_reference_markdown_lists_every_field() -> None:
 
 # (name, overrides, YAML edits (section -> replacement mapping) or None, substrings the message must contain)
 BAD: list[tuple[str, list[str], dict[str, Any] | None, list[str]]] = [
-    ("unknown top-level key", [], {"modle": {"depth": 3}}, ["modle: unknown key", "valid keys here: model,"]),
+    ("unknown top-level key", [], {"modle": {"depth": 3}}, ["modle: unknown key", "valid keys here: task,", " model,"]),
     ("unknown nested key", [], {"optim": {"lr": 1e-3}}, ["optim.lr: unknown key", "lr_per_256"]),
     ("wrong type", ["training.max_steps=many"], None, ["training.max_steps", "'many'", "expected int"]),
     ("negative lr", ["optim.lr_per_256=-1e-4"], None, ["optim.lr_per_256", "-0.0001", "greater than 0"]),
     ("schedule longer than the pyramid", ["sampling.schedule=list:4,4,3,3,2"], None,
      ["sampling.schedule", "5 counts", "4 scales"]),
     ("S-JFB lo > hi", ["model.implicit.train_with_grad=[4,2]"], None,
-     ["model.implicit.train_with_grad", "[4, 2]", "lo <= hi"]),
+     ["model.implicit", "train_with_grad=(4, 2)", "lo <= hi"]),
     ("bad precision literal", ["precision.dtype=fp64"], None,
      ["precision.dtype", "'fp64'", "'fp32', 'bf16' or 'fp16'"]),
     ("batch not divisible", ["training.global_batch_size=48"], None,
@@ -268,11 +286,11 @@ def test_unknown_tokenizer_preset_lists_presets() -> None:
 def test_cli_dispatches_a_valid_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     seen: dict[str, Any] = {}
 
-    def fake_main(cfg: RecipeConfig) -> int:
+    def fake_main(cfg: TrainConfig) -> int:
         seen.update(cfg=cfg)
         return 0
 
-    monkeypatch.setitem(sys.modules, "deqgen.recipes.train", types.SimpleNamespace(main=fake_main))
+    monkeypatch.setitem(sys.modules, "deqgen.training.train", types.SimpleNamespace(main=fake_main))
     rc = main(["train", str(MNIST), "--set", "training.max_steps=5", "--set", "optim.warmup_steps=1", "--resume", "none",
                "--set", f"logging.out_dir={tmp_path / 'run'}"])
     assert rc == 0
@@ -292,7 +310,7 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_resume_path_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     seen: dict[str, Any] = {}
-    monkeypatch.setitem(sys.modules, "deqgen.recipes.train", types.SimpleNamespace(main=lambda c: seen.update(c=c)))
+    monkeypatch.setitem(sys.modules, "deqgen.training.train", types.SimpleNamespace(main=lambda c: seen.update(c=c)))
     assert main(["train", str(MNIST), "--resume", str(tmp_path / "missing: dir")]) == 2
     assert "checkpoint.resume" in capsys.readouterr().err
     ckpt = tmp_path / "ckpt: 1"
@@ -305,9 +323,9 @@ def test_imagenet_recipe_builds_viar_d30_with_the_official_parameter_count() -> 
     import torch
 
     from deqgen.models.viar.model import build_model
-    from deqgen.recipes.config import build_model_config, load_config
+    from deqgen.training.tasks.generation.config import transformer_config
 
     cfg = load_config(IMAGENET, check_paths=False)
     with torch.device("meta"):
-        model = build_model(build_model_config(cfg), init=False)
+        model = build_model(transformer_config(cfg.model), init=False)
     assert sum(p.numel() for p in model.parameters()) == 770_884_426

@@ -136,7 +136,7 @@ class WDSchedule:
 def build_schedules(optim: Any, global_batch_size: int, total_steps: int, warmup_steps: int) -> tuple[
     LRSchedule, WDSchedule
 ]:
-    """Both schedules from a recipe's ``optim`` section (:class:`deqgen.recipes.config.OptimSection`).
+    """Both schedules from a recipe's ``optim`` section (:class:`deqgen.training.schema.OptimSection`).
 
     Use ``cfg.total_steps(steps_per_epoch)`` and ``cfg.warmup_steps(steps_per_epoch)`` for the lengths.
     """

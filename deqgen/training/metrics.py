@@ -1,12 +1,12 @@
-"""Metric sinks and console logging for recipes, gated on rank 0.
+"""Metric sinks and console logging for training runs, gated on rank 0.
 
 :func:`make_metric_logger` returns a :class:`MetricLogger` that fans ``log(step, metrics)`` out to sinks:
 stdout (through :mod:`logging`), a JSONL file (one JSON object per line, flushed each time) and optionally
 TensorBoard. Ranks other than 0 get a logger with no sinks, so call sites never test the rank. Average
-values over ranks first (:func:`deqgen.recipes.distributed.all_reduce_mean`). :func:`progress_bar` gives a tqdm
+values over ranks first (:func:`deqgen.training.distributed.all_reduce_mean`). :func:`progress_bar` gives a tqdm
 bar on a terminal and a no-op otherwise.
 
-The module is named ``logging_utils`` so it never shadows the standard :mod:`logging`.
+The module is not named ``logging`` so it never shadows the standard :mod:`logging`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
-from deqgen.recipes.distributed import DistInfo
+from deqgen.training.distributed import DistInfo
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -67,7 +67,7 @@ class StdoutSink:
     """Metrics as one ``logging`` INFO line: ``step 100 | loss 3.2100 | lr 1.6e-04``."""
 
     def __init__(self, log: logging.Logger | None = None) -> None:
-        self._log = log or logging.getLogger("recipes.metrics")
+        self._log = log or logging.getLogger("deqgen.training.metrics")
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Emit one INFO line; floats are printed with 4 significant digits, other values as they are."""
@@ -158,22 +158,25 @@ class MetricLogger:
         self.close()
 
 
-def make_metric_logger(logging_cfg: Any, info: DistInfo, out_dir: str | Path | None = None) -> MetricLogger:
+def make_metric_logger(
+    logging_cfg: Any, info: DistInfo, out_dir: str | Path | None = None, *, prefix: str = ""
+) -> MetricLogger:
     """The sinks a recipe's ``logging`` section asks for, on rank 0 only.
 
     Args:
-        logging_cfg: :class:`deqgen.recipes.config.LoggingSection` (``jsonl``, ``tensorboard``, ``out_dir``).
+        logging_cfg: :class:`deqgen.training.schema.LoggingSection` (``jsonl``, ``tensorboard``, ``out_dir``).
         info: this process's :class:`DistInfo`.
-        out_dir: where ``metrics.jsonl`` and ``tb/`` go (default ``logging_cfg.out_dir``).
+        out_dir: where ``{prefix}metrics.jsonl`` and ``tb/`` go (default ``logging_cfg.out_dir``).
+        prefix: names one model's files, e.g. ``"model_"``: ``model_metrics.jsonl`` and ``tb/model``.
     """
     if not info.is_main:
         return MetricLogger()
     root = Path(out_dir if out_dir is not None else logging_cfg.out_dir)
     sinks: list[MetricSink] = [StdoutSink()]
     if logging_cfg.jsonl:
-        sinks.append(JsonlSink(root / "metrics.jsonl"))
+        sinks.append(JsonlSink(root / f"{prefix}metrics.jsonl"))
     if logging_cfg.tensorboard:
-        sinks.append(TensorBoardSink(root / "tb"))
+        sinks.append(TensorBoardSink(root / "tb" / prefix.rstrip("_") if prefix else root / "tb"))
     return MetricLogger(sinks)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from deqgen.recipes.checkpoint import (
+from deqgen.training.checkpoint import (
     MANIFEST_FILE,
     MODEL_FILE,
     CheckpointConfigMismatch,
@@ -22,8 +22,8 @@ from deqgen.recipes.checkpoint import (
     capture_rng_state,
     restore_rng_state,
 )
-from deqgen.recipes.config import load_config
-from deqgen.recipes.distributed import DistInfo
+from deqgen.training.config import check_config_compatible, load_config
+from deqgen.training.distributed import DistInfo
 
 MNIST = Path(__file__).resolve().parents[2] / "recipes" / "mnist_cpu.yaml"
 
@@ -59,7 +59,7 @@ def test_round_trip_restores_tensors_optimizer_and_rng(tmp_path: Path) -> None:
     cfg = load_config(MNIST)
     model, opt = _trained()
     gen = torch.Generator().manual_seed(7)
-    mgr = CheckpointManager(tmp_path, keep_last=2, config=cfg)
+    mgr = CheckpointManager(tmp_path, keep_last=2, config=cfg, check=check_config_compatible)
     path = mgr.save(12, model.state_dict(), {"optimizer": opt.state_dict(), "epoch": 3, "position": 40},
                     generators={"sjfb": gen})
     expected = _draws(gen)
@@ -134,7 +134,7 @@ def test_truncated_newest_falls_back_and_explicit_path_raises(
     _save_steps(mgr, [1, 2])
     newest = tmp_path / "ckpt_00000002" / MODEL_FILE
     newest.write_bytes(newest.read_bytes()[:-7])
-    with caplog.at_level(logging.WARNING, logger="deqgen.recipes.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="deqgen.training.checkpoint"):
         ckpt = mgr.load("auto")
     assert ckpt is not None and ckpt.step == 1
     assert "skipping damaged checkpoint" in caplog.text and str(newest) in caplog.text
@@ -167,18 +167,18 @@ def test_corrupt_bytes_missing_manifest_and_bad_header(tmp_path: Path) -> None:
 
 def test_config_mismatch_lists_the_fields(tmp_path: Path) -> None:
     cfg = load_config(MNIST)
-    CheckpointManager(tmp_path, config=cfg).save(5, {"w": torch.zeros(1)}, {})
+    CheckpointManager(tmp_path, config=cfg, check=check_config_compatible).save(5, {"w": torch.zeros(1)}, {})
     changed = load_config(MNIST, ["model.embed_dim=64", "model.implicit.pre_depth=2", "tokenizer.ch=64"])
     with pytest.raises(CheckpointConfigMismatch) as e:
-        CheckpointManager(tmp_path, config=changed).load("auto")
+        CheckpointManager(tmp_path, config=changed, check=check_config_compatible).load("auto")
     msg = str(e.value)
     assert "model.embed_dim: checkpoint 128, run 64" in msg and "model.implicit.pre_depth" in msg
     assert "tokenizer.ch: checkpoint 32, run 64" in msg and "baseline" not in msg
     var = load_config(MNIST, ["model.implicit=null"])
     with pytest.raises(CheckpointConfigMismatch, match="model.implicit: checkpoint VIAR, run VAR"):
-        CheckpointManager(tmp_path, config=var).load("auto")
+        CheckpointManager(tmp_path, config=var, check=check_config_compatible).load("auto")
     relaxed = load_config(MNIST, ["optim.lr_per_256=1e-3", "training.max_steps=10", "optim.warmup_steps=2", "model.cond_drop_prob=0.2"])
-    assert CheckpointManager(tmp_path, config=relaxed).load("auto") is not None
+    assert CheckpointManager(tmp_path, config=relaxed, check=check_config_compatible).load("auto") is not None
 
 
 # ---- two processes over gloo ---------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def _worker(rank: int, store: str, directory: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from deqgen.recipes.checkpoint import gather_full_state, scatter_full_state
+    from deqgen.training.checkpoint import gather_full_state, scatter_full_state
 
     # A FileStore, not tcp://: with a TCPStore the rank hosting it sometimes aborts at interpreter exit
     # ("terminate called without an active exception", about 1 run in 15 under pytest), after the test passed.

@@ -51,8 +51,8 @@ def test_missing_or_empty_folder_is_named(tmp_path: Path) -> None:
 def test_train_on_an_image_folder_with_a_frozen_tokenizer(tmp_path: Path) -> None:
     from deqgen.models.viar.convert import save_converted
     from deqgen.models.viar.vqvae import VQVAE_PRESETS, MultiScaleVQVAE
-    from deqgen.recipes.config import load_config_text
-    from deqgen.recipes.train import run
+    from deqgen.training.config import load_config_text
+    from deqgen.training.train import run
 
     root = _folder(tmp_path / "data")
     vae = MultiScaleVQVAE(VQVAE_PRESETS["vae_tiny"])
@@ -94,7 +94,7 @@ class _Breaks(torch.utils.data.Dataset):  # type: ignore[type-arg]
 def test_pretokenized_folder_resumes_and_trains(tmp_path: Path) -> None:
     from deqgen.models.viar.convert import save_converted
     from deqgen.models.viar.vqvae import VQVAE_PRESETS, MultiScaleVQVAE
-    from deqgen.recipes.tokens import PretokenizedDataset, tokenize, write_pretokenized
+    from deqgen.training.tasks.generation.tokens import PretokenizedDataset, tokenize, write_pretokenized
 
     root = _folder(tmp_path / "data", per_class=6)
     vae = MultiScaleVQVAE(VQVAE_PRESETS["vae_tiny"])
@@ -118,8 +118,8 @@ def test_pretokenized_folder_resumes_and_trains(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="another tokenizer"):
         PretokenizedDataset(out, other)
 
-    from deqgen.recipes.config import load_config_text
-    from deqgen.recipes.train import run
+    from deqgen.training.config import load_config_text
+    from deqgen.training.train import run
 
     tok = save_converted(tmp_path / "vae", vae.state_dict(), "vqvae", vae.config)
     text = f"""
@@ -139,7 +139,7 @@ def test_pretokenize_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     from deqgen.cli import main
     from deqgen.models.viar.convert import save_converted
     from deqgen.models.viar.vqvae import VQVAE_PRESETS, MultiScaleVQVAE
-    from deqgen.recipes.tokens import PretokenizedDataset
+    from deqgen.training.tasks.generation.tokens import PretokenizedDataset
 
     root = _folder(tmp_path / "data")
     vae = MultiScaleVQVAE(VQVAE_PRESETS["vae_tiny"])

@@ -1,0 +1,393 @@
+"""The model-agnostic optimizer loop: :func:`fit` trains one model of a :class:`~deqgen.training.task.Task`.
+
+One optimizer step = ``global_batch_size`` samples = ``micro_batch_size`` per rank x ranks x accumulation
+micro-batches. The task's shared random stream is rewound before every micro-batch, so every micro-batch on
+every rank draws the same values (S-JFB's ``(k1, k2)``): 2 ranks x 1 micro-batch and 1 rank x 2
+micro-batches compute the same update. Per-rank streams feed label dropout and drop-path masks.
+
+Resume is exact: a checkpoint holds the weights, optimizer, scaler, the step, the epoch and the position in
+it, and every RNG stream of every rank; ``checkpoint.resume: auto`` takes the newest checkpoint that verifies.
+
+Read :func:`fit` top to bottom: build the model, plan the run's length, build the train state, resume, run
+epochs, export. Each epoch runs :func:`optimizer_step` and then logs, checkpoints and evaluates on cadence.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from deqgen.evaluation.memory import peak_memory_bytes
+from deqgen.training.checkpoint import Checkpoint, CheckpointManager, ConfigCheck, gather_full_state
+from deqgen.training.checkpoint import restore_rng_state, scatter_full_state
+from deqgen.training.distributed import (
+    DistInfo,
+    DistributedBatchSampler,
+    all_reduce_mean,
+    barrier,
+    seed_for_rank,
+    shared_seed,
+)
+from deqgen.training.lr_schedule import LRSchedule, WDSchedule, apply_schedules, build_schedules, param_groups
+from deqgen.training.metrics import MetricLogger, make_metric_logger, progress_bar
+from deqgen.training.schema import TrainConfig
+from deqgen.training.task import ModelRole, Randomness, StepOutput, Task, TrainResult
+
+__all__ = ["RunLength", "TrainState", "fit", "optimizer_step", "resume_for"]
+
+logger = logging.getLogger(__name__)
+
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RunLength:
+    """How long one model trains. ``accum`` micro-batches per optimizer step on each rank."""
+
+    accum: int
+    steps_per_epoch: int
+    total: int
+    warmup: int
+
+
+@dataclass
+class TrainState:
+    """Everything a step changes; everything a checkpoint saves.
+
+    Attributes:
+        model: the bare model (what the task built).
+        wrapped: the model under DDP / FSDP2 (``model`` itself in one process).
+        optimizer: AdamW over ``param_groups``.
+        scaler: fp16's GradScaler (disabled otherwise).
+        rng: the per-rank and shared generators.
+        step: optimizer steps done.
+        epoch: the current epoch.
+        position: optimizer steps done inside the epoch.
+    """
+
+    model: nn.Module
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    rng: Randomness
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+
+
+@dataclass
+class _Loop:
+    """The fixed collaborators of one model's loop (set up once in :func:`fit`)."""
+
+    task: Task
+    cfg: TrainConfig
+    dist: DistInfo
+    role: ModelRole
+    length: RunLength
+    dataset: Dataset[Any]
+    sampler: DistributedBatchSampler
+    lr_at: LRSchedule
+    wd_at: WDSchedule
+    checkpoints: CheckpointManager
+    metrics: MetricLogger
+    bar: Any
+    window_start: float = field(default_factory=time.perf_counter)
+    window_samples: int = 0
+
+
+def fit(
+    task: Task, cfg: TrainConfig, dist: DistInfo, out: Path, role: ModelRole, index: int,
+    check: ConfigCheck | None = None,
+) -> TrainResult:
+    """Train ``role`` of ``task`` to ``cfg.training``'s length, resuming when asked; export the final weights.
+
+    Args:
+        task: the model family.
+        cfg: the validated recipe.
+        dist: this process's distributed facts.
+        out: the run directory.
+        role: which of the task's models.
+        index: its position in ``task.roles()`` (offsets its seeds).
+        check: compares a resumed checkpoint's config with ``cfg``.
+
+    Raises:
+        ValueError: a warmup as long as the run, or a global batch larger than the data.
+        deqgen.training.checkpoint.CheckpointError: an explicit resume path that is damaged.
+    """
+    generator = torch.Generator().manual_seed(shared_seed(cfg.training.seed) + index)
+    model = task.build_model(role, generator).to(dist.device)
+    parameters = sum(p.numel() for p in model.parameters())
+    logger.info("%s (%s): %s parameters", role.role, role.name, f"{parameters:,}")
+    dataset = task.dataset()
+    sampler = DistributedBatchSampler(len(dataset), cfg.training.micro_batch_size, rank=dist.rank,
+                                      world_size=dist.world_size, seed=cfg.training.seed + index)
+    length = plan_length(cfg, dist, len(sampler), len(dataset))
+    state = build_state(task, cfg, dist, model, index)
+    checkpoints = CheckpointManager(out / "checkpoints" / role.role, cfg.checkpoint.keep_last, dist, config=cfg,
+                                    check=check, verify_hash=cfg.checkpoint.verify_hash)
+    resume(state, checkpoints.load(resume_for(cfg, role.role)), dist, out / f"{role.role}_metrics.jsonl")
+    lr_at, wd_at = build_schedules(cfg.optim, cfg.training.global_batch_size, length.total, length.warmup)
+    t_start = time.perf_counter()
+    metrics = make_metric_logger(cfg.logging, dist, out, prefix=f"{role.role}_")
+    bar = progress_bar(length.total, dist, enabled=cfg.logging.progress_bar, desc=role.role, initial=state.step)
+    with bar, metrics:  # the metric files are closed even when a step raises
+        loop = _Loop(task, cfg, dist, role, length, dataset, sampler, lr_at, wd_at, checkpoints, metrics, bar)
+        state.wrapped.train()
+        while state.step < length.total:
+            run_epoch(loop, state)
+    seconds = time.perf_counter() - t_start
+    export_dir = _export(task, role, state, dist, out, seconds)
+    return TrainResult(role, state.step, parameters, export_dir, read_losses(out / f"{role.role}_metrics.jsonl"),
+                       seconds)
+
+
+def plan_length(cfg: TrainConfig, dist: DistInfo, batches_per_epoch: int, num_samples: int) -> RunLength:
+    """Accumulation, steps per epoch, total and warmup steps.
+
+    Raises:
+        ValueError: the global batch is larger than the data, or the warmup is not shorter than the run.
+    """
+    accum = cfg.grad_accum_steps(dist.world_size)
+    steps_per_epoch = batches_per_epoch // accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"training.global_batch_size={cfg.training.global_batch_size} is larger than the "
+                         f"{num_samples} training samples: lower it")
+    total, warmup = cfg.total_steps(steps_per_epoch), cfg.warmup_steps(steps_per_epoch)
+    if warmup >= total:
+        raise ValueError(f"optim.warmup_steps/warmup_epochs give {warmup} warmup steps, not fewer than the run's "
+                         f"{total} optimizer steps ({steps_per_epoch} per epoch): shorten the warmup")
+    return RunLength(accum, steps_per_epoch, total, warmup)
+
+
+def build_state(task: Task, cfg: TrainConfig, dist: DistInfo, model: nn.Module, index: int) -> TrainState:
+    """Wrap the model (before the optimizer: FSDP2 replaces the parameters by sharded ones), then AdamW,
+    the GradScaler and the random streams."""
+    wrapped = wrap(task, model, cfg, dist)
+    groups = param_groups(model, cfg.optim.no_weight_decay, cfg.optim.no_weight_decay_1d)
+    fused = cfg.optim.fused and dist.device.type == "cuda"
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=fused or None)
+    p = cfg.precision
+    scaler = torch.amp.GradScaler(dist.device.type, init_scale=p.grad_scaler_init_scale,
+                                  growth_interval=p.grad_scaler_growth_interval, enabled=p.dtype == "fp16")
+    seed = cfg.training.seed
+    rng = Randomness(rank=torch.Generator(dist.device).manual_seed(seed_for_rank(seed, dist.rank) + index),
+                     shared=torch.Generator().manual_seed(shared_seed(seed) + index))
+    return TrainState(model, wrapped, optimizer, scaler, rng)
+
+
+def resume(state: TrainState, ckpt: Checkpoint | None, dist: DistInfo, metrics_file: Path) -> None:
+    """Load a checkpoint into ``state`` (nothing when ``ckpt`` is None); drop the metric lines logged after it."""
+    if ckpt is None:
+        return
+    scatter_full_state(state.wrapped, ckpt.model_state, state.optimizer, ckpt.train_state["optimizer"])
+    if ckpt.train_state.get("scaler"):
+        state.scaler.load_state_dict(ckpt.train_state["scaler"])
+    state.step, state.epoch = ckpt.step, int(ckpt.train_state["epoch"])
+    state.position = int(ckpt.train_state["position"])
+    if ckpt.rng_state is not None:
+        restore_rng_state(ckpt.rng_state, _generators(state))
+    if dist.is_main:
+        truncate_metrics(metrics_file, state.step)
+
+
+def resume_for(cfg: TrainConfig, role: str) -> str:
+    """``checkpoint.resume`` for one model. An explicit checkpoint belongs to one model: the one whose folder
+    it sits in (``.../checkpoints/baseline/ckpt_*`` is the baseline's), else the main model; the other
+    models resume ``auto``."""
+    resume_path = cfg.checkpoint.resume
+    if resume_path in ("auto", "none"):
+        return resume_path
+    owner = "baseline" if Path(resume_path).resolve().parent.name == "baseline" else "model"
+    return resume_path if role == owner else "auto"
+
+
+def run_epoch(loop: _Loop, state: TrainState) -> None:
+    """The optimizer steps left in the current epoch (or in the run), then the epoch's end."""
+    loop.sampler.set_epoch(state.epoch)
+    if hasattr(loop.dataset, "set_epoch"):
+        loop.dataset.set_epoch(state.epoch)
+    loop.sampler.set_start_batch(state.position * loop.length.accum)
+    data = loop.cfg.data if hasattr(loop.cfg, "data") else None
+    batches = iter(DataLoader(loop.dataset, batch_sampler=loop.sampler, **_loader_options(data, loop.dist)))
+    while state.step < loop.length.total and state.position < loop.length.steps_per_epoch:
+        lr, wd = loop.lr_at(state.step), loop.wd_at(state.step)
+        apply_schedules(state.optimizer, lr, wd)
+        sums = optimizer_step(loop.task, state, batches, loop.length.accum, loop.dist, loop.cfg)
+        state.step, state.position = state.step + 1, state.position + 1
+        loop.window_samples += loop.cfg.training.global_batch_size
+        loop.bar.update(1)
+        _after_step(loop, state, {**sums, "lr": lr, "wd": wd})
+    if state.position >= loop.length.steps_per_epoch:
+        state.epoch, state.position = state.epoch + 1, 0
+        every = loop.cfg.checkpoint.every_n_epochs
+        if every is not None and state.epoch % every == 0 and state.step < loop.length.total:
+            save(loop, state)
+
+
+def optimizer_step(
+    task: Task, state: TrainState, batches: Iterator[Sequence[Tensor]], accum: int, dist: DistInfo,
+    cfg: TrainConfig,
+) -> dict[str, Tensor | float]:
+    """Forward/backward ``accum`` micro-batches (gradients synchronised on the last one only), then unscale,
+    clip, step and zero. Returns the micro-batch mean of the task's metrics, ``loss`` and ``grad_norm``, as
+    device tensors (read only when logging: no host sync per step)."""
+    autocast = _AUTOCAST[cfg.precision.dtype]
+    shared_state = state.rng.shared.get_state()
+    sums: dict[str, Tensor | float] = {}
+    for i in range(accum):
+        batch = [t.to(dist.device, non_blocking=True) for t in next(batches)]
+        state.rng.shared.set_state(shared_state)
+        with _no_sync(state.wrapped, i == accum - 1), \
+                torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
+            out = task.loss(state.wrapped, batch, state.rng)
+        state.scaler.scale(out.loss / accum).backward()
+        _accumulate(sums, out, accum)
+    sums["grad_norm"] = _clip_and_step(state, cfg.optim.clip_grad_norm)
+    return sums
+
+
+def _accumulate(sums: dict[str, Tensor | float], out: StepOutput, accum: int) -> None:
+    for name, value in {"loss": out.loss.detach(), **out.metrics}.items():
+        value = value.detach() if isinstance(value, Tensor) else value
+        sums[name] = sums.get(name, 0.0) + value / accum
+
+
+def _clip_and_step(state: TrainState, clip: float | None) -> Tensor:
+    """Unscale, clip the global gradient norm (``inf`` when ``clip`` is None), step, zero; the norm."""
+    state.scaler.unscale_(state.optimizer)
+    params = [p for p in state.wrapped.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else math.inf)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _after_step(loop: _Loop, state: TrainState, values: dict[str, Tensor | float]) -> None:
+    """Log, checkpoint and evaluate when their cadence says so."""
+    cfg = loop.cfg
+    if state.step % cfg.logging.log_every_n_steps == 0 or state.step == loop.length.total:
+        _log_step(loop, state, values)
+    every = cfg.checkpoint.every_n_steps
+    if state.step == loop.length.total or (every is not None and state.step % every == 0):
+        save(loop, state)
+    if cfg.evaluation.every_n_steps is not None and state.step % cfg.evaluation.every_n_steps == 0:
+        _evaluate(loop, state)
+
+
+def _log_step(loop: _Loop, state: TrainState, values: dict[str, Tensor | float]) -> None:
+    now = time.perf_counter()
+    row = all_reduce_mean({k: float(v) for k, v in values.items()}, loop.dist)
+    row.update(samples_per_s=loop.window_samples / (now - loop.window_start),
+               peak_mem_gb=peak_memory_bytes(loop.dist.device) / 2**30, epoch=state.epoch)
+    loop.metrics.log(state.step, row)
+    loop.bar.set_postfix(loss=f"{row['loss']:.3f}")
+    loop.window_start, loop.window_samples = now, 0
+
+
+def save(loop: _Loop, state: TrainState) -> None:
+    """Checkpoint ``state`` (every rank calls this; rank 0 writes the weights)."""
+    model_state, optim_state = gather_full_state(state.wrapped, state.optimizer)
+    train_state = {"optimizer": optim_state, "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else {},
+                   "epoch": state.epoch, "position": state.position, "role": loop.role.role}
+    loop.checkpoints.save(state.step, model_state if loop.dist.is_main else {}, train_state,
+                          generators=_generators(state))
+
+
+def _evaluate(loop: _Loop, state: TrainState) -> None:
+    """``evaluation.every_n_steps``: rank 0 evaluates mid-run (not under FSDP2, whose sharded weights every
+    rank would have to gather)."""
+    if loop.dist.is_distributed and loop.cfg.distributed.strategy == "fsdp2":
+        logger.warning("evaluation.every_n_steps: skipped under FSDP2; evaluate the exported model instead")
+    elif loop.dist.is_main:
+        loop.task.evaluate(loop.role, state.model, state.step)
+    barrier()
+    state.wrapped.train()
+
+
+def _export(task: Task, role: ModelRole, state: TrainState, dist: DistInfo, out: Path, seconds: float) -> Path:
+    export_dir = out / role.name
+    model_state, _ = gather_full_state(state.wrapped)
+    if dist.is_main:
+        task.export(role, model_state, export_dir)
+        logger.info("%s: %d steps in %.0f s; exported %s", role.role, state.step, seconds, export_dir)
+    barrier()
+    return export_dir
+
+
+def _generators(state: TrainState) -> dict[str, torch.Generator]:
+    return {"rank": state.rng.rank, "shared": state.rng.shared}
+
+
+def _loader_options(data: Any, dist: DistInfo) -> dict[str, Any]:
+    """DataLoader workers and pinning from the task's ``data`` section (none: in-process, unpinned)."""
+    if data is None:
+        return {}
+    return {"num_workers": getattr(data, "num_workers", 0),
+            "pin_memory": bool(getattr(data, "pin_memory", False)) and dist.device.type == "cuda"}
+
+
+def wrap(task: Task, model: nn.Module, cfg: TrainConfig, dist: DistInfo) -> nn.Module:
+    """DDP or FSDP2 over the process group; the bare model in a single process."""
+    if not dist.is_distributed:
+        return model
+    if cfg.distributed.strategy == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in task.shard_units(model):
+            fully_shard(unit)
+        return fully_shard(model)  # type: ignore[no-any-return]
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=cfg.distributed.find_unused_parameters,
+                                   broadcast_buffers=cfg.distributed.broadcast_buffers)
+
+
+@contextlib.contextmanager
+def _no_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce of a micro-batch that is not the step's last (DDP ``no_sync``, FSDP2's
+    ``set_requires_gradient_sync``)."""
+    if sync:
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines an interrupted run logged after the checkpoint we resume from (they are recomputed)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def read_losses(path: Path) -> list[tuple[int, float]]:
+    """``(step, loss)`` of every line of a metrics JSONL file (empty when it does not exist)."""
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(int(r["step"]), float(r["loss"])) for r in rows]

@@ -1,0 +1,87 @@
+"""``deqgen train``: one recipe YAML -> the task's models trained, exported and summarised.
+
+Read top to bottom, one process per device (``torchrun`` starts several)::
+
+    deqgen train recipes/mnist_cpu.yaml                                           # CPU, one process
+    torchrun --standalone --nproc_per_node=8 -m deqgen train recipes/viar_imagenet.yaml --set data.root=...
+
+:func:`main` joins the process group; :func:`run` writes the validated config into the run directory, sets
+up logging and seeds, lets the task prepare its data (:meth:`~deqgen.training.task.Task.setup`), trains
+each of the task's models with :func:`deqgen.training.engine.fit`, and lets rank 0 write the summary.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from deqgen.training import tasks
+from deqgen.training.checkpoint import CheckpointManager
+from deqgen.training.config import check_config_compatible
+from deqgen.training.distributed import DistInfo, barrier, init_distributed, seed_everything, seed_for_rank, teardown
+from deqgen.training.engine import fit
+from deqgen.training.metrics import setup_logging
+from deqgen.training.schema import TrainConfig, config_to_yaml
+from deqgen.training.task import TrainResult
+
+__all__ = ["main", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+def main(cfg: TrainConfig) -> int:
+    """The ``deqgen train`` entry point: run the recipe in this process (one of several under torchrun)."""
+    dist = init_distributed(cfg.distributed.backend, timeout_minutes=cfg.distributed.timeout_minutes)
+    try:
+        run(cfg, dist)
+    finally:
+        teardown()
+    return 0
+
+
+def run(cfg: TrainConfig, dist: DistInfo | None = None) -> list[TrainResult]:
+    """Train every model of the recipe's task; returns one :class:`TrainResult` per model.
+
+    Raises:
+        deqgen.training.checkpoint.CheckpointError: ``checkpoint.resume`` names a missing or damaged
+            checkpoint (checked before anything is written).
+        deqgen.training.checkpoint.CheckpointConfigMismatch: the checkpoint was trained with another model.
+        ValueError: a warmup as long as the run, or a batch larger than the data.
+    """
+    dist = dist or DistInfo()
+    out = Path(cfg.logging.out_dir)
+    verify_explicit_resume(cfg, dist)
+    start_run_dir(cfg, dist, out)
+    setup_logging(dist, cfg.logging.level, out / "train.log")
+    seed_everything(seed_for_rank(cfg.training.seed, dist.rank))
+    set_matmul_precision(cfg, dist)
+    task = tasks.get(cfg.task).setup(cfg, dist, out)
+    results = [fit(task, cfg, dist, out, role, i, check_config_compatible) for i, role in enumerate(task.roles())]
+    if dist.is_main:
+        task.summarize(results)
+    barrier()
+    return results
+
+
+def verify_explicit_resume(cfg: TrainConfig, dist: DistInfo) -> None:
+    """A damaged explicit ``checkpoint.resume`` path fails before anything is written."""
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and dist.is_main:
+        CheckpointManager(Path(resume).parent, dist=dist, verify_hash=cfg.checkpoint.verify_hash).verify(resume)
+
+
+def start_run_dir(cfg: TrainConfig, dist: DistInfo, out: Path) -> None:
+    """Rank 0 creates the run directory and writes the validated config as ``config.yaml``."""
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_to_yaml(cfg))
+    barrier()
+
+
+def set_matmul_precision(cfg: TrainConfig, dist: DistInfo) -> None:
+    """TF32 matmuls on CUDA when ``precision.allow_tf32``."""
+    if dist.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.precision.allow_tf32
+        torch.backends.cudnn.allow_tf32 = cfg.precision.allow_tf32

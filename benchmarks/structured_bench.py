@@ -88,7 +88,7 @@ def structured_vs_packed(B: int = 32, C: int = 8, H: int = 16) -> None:
 def _tutorial_model() -> tuple[nn.Module, Tensor]:
     """The tutorial's classifier trained by the tutorial's own code (its first two blocks), and its images."""
     page = (Path(__file__).resolve().parents[1] / "docs" / "tutorial_own_model.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)[:2]
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)[:2]
     namespace: dict[str, object] = {"__name__": "tutorial"}
     with contextlib.redirect_stdout(io.StringIO()):
         exec(compile("\n".join(blocks), "tutorial_own_model.md", "exec"), namespace)  # noqa: S102

@@ -130,12 +130,12 @@ class _IFT(torch.autograd.Function):
     """Identity on fz; backward replaces g by (I - J)^-T g per row (dense, the textbook formula)."""
 
     @staticmethod
-    def forward(ctx, fz: Tensor, J: Tensor) -> Tensor:  # noqa: D102
+    def forward(ctx, fz: Tensor, J: Tensor) -> Tensor:
         ctx.save_for_backward(J)
         return fz.detach().clone()
 
     @staticmethod
-    def backward(ctx, g: Tensor):  # noqa: D102
+    def backward(ctx, g: Tensor):
         (J,) = ctx.saved_tensors
         eye = torch.eye(J.shape[-1], dtype=J.dtype)
         u = torch.linalg.solve((eye - J).transpose(1, 2), g.unsqueeze(-1)).squeeze(-1)

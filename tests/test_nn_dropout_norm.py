@@ -12,7 +12,14 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from deqgen import JFB, SJFB, Anderson, ImplicitDiff, ImplicitLayer, Picard
-from deqgen.nn import VariationalDropout, apply_norm, dropout_mask, normalized_once, spectral_norm, weight_norm
+from deqgen.nn import (
+    VariationalDropout,
+    apply_norm,
+    dropout_mask,
+    normalized_once,
+    spectral_norm,
+    weight_norm,
+)
 
 F64 = torch.float64
 B, D = 4, 6

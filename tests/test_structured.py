@@ -15,7 +15,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import deqgen
-from deqgen import JFB, SJFB, Anderson, Broyden, FixedPointProblem, ImplicitDiff, ImplicitLayer, Picard, Status, run
+from deqgen import (
+    JFB,
+    SJFB,
+    Anderson,
+    Broyden,
+    FixedPointProblem,
+    ImplicitDiff,
+    ImplicitLayer,
+    Picard,
+    Status,
+    run,
+)
 from deqgen.tree import spec_of, take
 
 F64 = torch.float64

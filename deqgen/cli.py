@@ -213,7 +213,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     """Measure the CPU demo run and write report.md with its plots."""
-    from deqgen.evaluation.report import ReportError, build_report
+    from deqgen.evaluation.make_report import build_report
+    from deqgen.evaluation.report import ReportError
 
     if args.threads < 1:
         print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)

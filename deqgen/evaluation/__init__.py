@@ -37,7 +37,8 @@ from deqgen.evaluation.npz import (
     to_uint8_nhwc,
     write_samples_npz,
 )
-from deqgen.evaluation.report import ReportError, build_report
+from deqgen.evaluation.make_report import build_report
+from deqgen.evaluation.report import ReportError
 from deqgen.evaluation.sample_files import (
     SampleSpec,
     merge_samples,

@@ -272,3 +272,21 @@ def test_input_checks() -> None:
 def test_doctests(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math", "auto"])
+def test_resolved_attention_equals_attention_and_resolves_once(backend: str) -> None:
+    from deqgen.nn.attention import ResolvedAttention
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g) for _ in range(3))
+    mask = torch.ones(7, 7, dtype=torch.bool).tril()
+    attend = ResolvedAttention(backend)
+    attend.prepare(device="cpu", dtype=torch.float32, head_dim=8, mask_kinds=("bool",))
+    assert "resolved=1" in repr(attend)
+    for m in (mask, None, torch.zeros(7, 7).masked_fill(~mask, float("-inf"))):
+        want = attention(q, k, v, mask=m, scale=0.5, backend=backend)
+        assert torch.equal(attend(q, k, v, mask=m, scale=0.5), want)
+    assert "resolved=3" in repr(attend)  # bool (prepared), none and float: one kernel per mask kind
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        ResolvedAttention("flash")

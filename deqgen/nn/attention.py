@@ -11,6 +11,10 @@ an :class:`AttentionBackend`:
 - ``auto``: the first of xformers, sdpa, math that runs; the choice is logged once per
   (device, dtype, head dim, mask kind) through :mod:`logging`.
 
+Layers that call attention on every forward hold a :class:`ResolvedAttention`, which resolves the kernel
+once per (device, dtype, head dim, mask kind) and then calls it directly (no per-call lookup, so
+``torch.compile`` traces it without graph breaks).
+
 Probe results, and ``auto``'s choice (so it is logged once), are memoised per (backend, device, dtype,
 head dim, mask kind) by ``functools.lru_cache``; there is no other module state.
 
@@ -33,17 +37,30 @@ import logging
 import math
 import types
 import warnings
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["AttentionBackend", "BackendUnavailableError", "attention", "probe_backend", "resolve_backend"]
+__all__ = [
+    "AttentionBackend",
+    "AttentionKernel",
+    "BackendUnavailableError",
+    "ResolvedAttention",
+    "attention",
+    "probe_backend",
+    "resolve_backend",
+    "resolve_kernel",
+]
 
 logger = logging.getLogger(__name__)
 
 MaskKind = Literal["none", "bool", "float"]
+
+#: A concrete kernel: ``(q, k, v, mask, scale) -> out`` with the shapes of :func:`attention`.
+AttentionKernel = Callable[[Tensor, Tensor, Tensor, "Tensor | None", float], Tensor]
 
 _XFORMERS_HINT = (
     "install it with `pip install deqgen[xformers]` next to a torch build that the xformers wheel was "
@@ -180,6 +197,116 @@ def probe_backend(
     if requested is AttentionBackend.AUTO:
         return None
     return _probe(requested, str(torch.device(device)), dtype, int(head_dim), mask_kind)
+
+
+def resolve_kernel(
+    backend: AttentionBackend | str,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    head_dim: int,
+    mask_kind: MaskKind = "none",
+) -> AttentionKernel:
+    """The kernel function :func:`attention` would call for inputs of this kind (see :func:`resolve_backend`).
+
+    Calling the kernel skips :func:`attention`'s input checks and backend lookup, so it suits hot code that
+    has resolved once and traces cleanly under ``torch.compile``.
+
+    Args:
+        backend: requested backend (``auto`` picks the first of xformers, sdpa, math that runs).
+        device: the inputs' device.
+        dtype: the inputs' dtype.
+        head_dim: size of the last dim of ``q`` and ``k``.
+        mask_kind: ``"none"``, ``"bool"`` or ``"float"``.
+
+    Returns:
+        ``kernel(q, k, v, mask, scale) -> (B, heads, Lq, head_dim_v)``; ``scale`` is a float, never ``None``.
+
+    Raises:
+        ValueError, BackendUnavailableError: as :func:`resolve_backend`.
+    """
+    chosen = resolve_backend(backend, device=device, dtype=dtype, head_dim=head_dim, mask_kind=mask_kind)
+    return _KERNELS[chosen]
+
+
+class ResolvedAttention:
+    """Attention whose kernel is resolved once per (device, dtype, head dim, mask kind) and then reused.
+
+    A model layer holds one of these instead of calling :func:`attention`, which re-checks its inputs and
+    looks the backend up on every call. The first call for an input kind resolves the kernel (probing
+    backends for ``auto``); :meth:`prepare` does it ahead of time, which ``torch.compile`` needs: a kernel
+    resolved before tracing is a plain function call in the graph, while resolving inside a traced call
+    breaks the graph (the probe runs real kernels).
+
+    Args:
+        backend: requested backend, as for :func:`attention`.
+
+    Example:
+        >>> import torch
+        >>> attend = ResolvedAttention("sdpa")
+        >>> q = k = v = torch.randn(2, 4, 5, 8)
+        >>> attend.prepare(device="cpu", dtype=torch.float32, head_dim=8, mask_kinds=("none",))
+        >>> attend(q, k, v, scale=8**-0.5).shape
+        torch.Size([2, 4, 5, 8])
+    """
+
+    def __init__(self, backend: AttentionBackend | str = AttentionBackend.AUTO) -> None:
+        self.backend = _as_backend(backend)
+        self._kernels: dict[tuple[torch.device, torch.dtype, int, str], AttentionKernel] = {}
+
+    def prepare(
+        self,
+        *,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        head_dim: int,
+        mask_kinds: tuple[MaskKind, ...] = ("none", "bool", "float"),
+    ) -> None:
+        """Resolve the kernels for these input kinds now (before ``torch.compile`` traces a call).
+
+        Args:
+            device: the inputs' device.
+            dtype: the dtype ``q`` will have (the autocast dtype under autocast).
+            head_dim: size of the last dim of ``q`` and ``k``.
+            mask_kinds: the mask kinds the caller will pass.
+        """
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # tensors report cuda:N, never bare cuda
+            dev = torch.device("cuda", torch.cuda.current_device())
+        for kind in mask_kinds:
+            self._resolve(dev, dtype, int(head_dim), kind)
+
+    def __call__(
+        self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, scale: float
+    ) -> Tensor:
+        """Attention with the resolved kernel; no input checks (the caller builds consistent shapes).
+
+        Args:
+            q: ``(B, heads, Lq, head_dim)``.
+            k: ``(B, heads, Lk, head_dim)``.
+            v: ``(B, heads, Lk, head_dim_v)``.
+            mask: optional bool (``True`` = attend) or additive mask broadcastable to ``(B, heads, Lq, Lk)``.
+            scale: logit scale.
+
+        Returns:
+            ``(B, heads, Lq, head_dim_v)``, dtype of ``q``.
+        """
+        key = (q.device, q.dtype, q.shape[-1], _mask_kind(mask))
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = self._resolve(*key)
+        return kernel(q, k, v, mask, scale)
+
+    def _resolve(
+        self, device: torch.device, dtype: torch.dtype, head_dim: int, mask_kind: str
+    ) -> AttentionKernel:
+        kind: MaskKind = mask_kind  # type: ignore[assignment]
+        kernel = resolve_kernel(self.backend, device=device, dtype=dtype, head_dim=head_dim, mask_kind=kind)
+        self._kernels[(device, dtype, head_dim, mask_kind)] = kernel
+        return kernel
+
+    def __repr__(self) -> str:
+        return f"ResolvedAttention(backend={self.backend.value!r}, resolved={len(self._kernels)})"
 
 
 def _as_backend(backend: AttentionBackend | str) -> AttentionBackend:

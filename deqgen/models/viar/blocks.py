@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deqgen.kv_cache import CacheSlot, KVCache
-from deqgen.nn.attention import AttentionBackend, attention
+from deqgen.nn.attention import AttentionBackend, ResolvedAttention
 from deqgen.nn.dropout import dropout_mask
 
 __all__ = ["DropMasks", "SelfAttention", "FFN", "AdaLNBlock", "AdaLNHead", "SharedAdaLN"]
@@ -75,6 +75,7 @@ class SelfAttention(nn.Module):
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.l2_norm = l2_norm
         self.backend = AttentionBackend(backend)
+        self.attend = ResolvedAttention(self.backend)  # kernel resolved once per device/dtype/mask kind
         self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
@@ -111,7 +112,7 @@ class SelfAttention(nn.Module):
             scale = 0.25 / math.sqrt(self.head_dim)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = attention(q, k, v, mask=mask, scale=scale, backend=self.backend)  # (B, H, L, hd)
+        out = self.attend(q, k, v, mask=mask, scale=scale)  # (B, H, L, hd)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 

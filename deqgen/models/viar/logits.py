@@ -7,8 +7,8 @@ Pure functions on ``(B, n, V)`` logits (``B`` samples, ``n`` token positions of 
 sample index ``i`` (:func:`per_sample_generators`), and :func:`sample_tokens` draws row ``b``'s uniforms from
 ``generators[b]`` only; filtering, probabilities and the search then run batched, but each along one row's
 vocabulary. So for the same seed and the same row logits, sample ``i``'s tokens are bitwise the same whatever
-the batch size, its position in the batch, or the shard it is in. (The model's logits themselves may still differ in the
-last bits between batch sizes on some backends; that is outside this module.)
+the batch size, its position in the batch, or the shard it is in. (The model's logits themselves may still
+differ in the last bits between batch sizes on some backends; that is outside this module.)
 """
 
 from __future__ import annotations
@@ -230,7 +230,9 @@ def sample_tokens(
     cdf_BnV = probs_BnV.cumsum(dim=-1)
     total_Bn1 = cdf_BnV[..., -1:]
     if not bool(((total_Bn1 > 0) & torch.isfinite(total_Bn1)).all()):  # the one host sync per call
-        raise ValueError("a row of logits has no token of positive finite probability (NaN or all -inf logits?)")
+        raise ValueError(
+            "a row of logits has no token of positive finite probability (NaN or all -inf logits?)"
+        )
     idx_Bn1 = torch.searchsorted(cdf_BnV, u_Bn1 * total_Bn1, right=True)  # first v with cdf[v] > u
     # u < total always holds in float64 (U <= 1 - 2**-53); in float32 U * total can round up to total, so
     # clamp to each row's last token of positive probability.

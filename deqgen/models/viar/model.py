@@ -172,9 +172,22 @@ class NextScaleTransformer(nn.Module):
         """Class embedding ``(B,) -> (B, C)``; label ``num_classes`` is the null class."""
         if labels.dtype != torch.long:
             raise TypeError(f"labels must be int64 class indices (B,), got {labels.dtype}")
-        if bool(((labels < 0) | (labels > self.num_classes)).any()):  # one host sync per call
-            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class)")
+        _check_labels(labels, self.num_classes)
         return self.class_emb(labels)
+
+    def prepare_attention(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Resolve every block's attention kernel for ``device`` and ``dtype`` now.
+
+        Call it before ``torch.compile`` (with the autocast dtype when training under autocast): the
+        kernels are then plain calls in the traced graph. Without it the first call resolves them, which
+        is fine in eager mode.
+
+        Args:
+            device: where the model runs.
+            dtype: the attention inputs' dtype (the parameters' dtype, or the autocast dtype).
+        """
+        for blk in self.blocks():
+            blk.attn.attend.prepare(device=device, dtype=dtype, head_dim=blk.attn.head_dim)
 
     def block_condition(self, cond_BC: Tensor) -> Tensor:
         """What the blocks' AdaLN takes: the class embedding, or the shared-AdaLN output."""
@@ -285,6 +298,22 @@ class NextScaleTransformer(nn.Module):
             x, self.block_condition(cond_BC), scale=scale, cache=cache, solver=solver, z0=z0
         )
         return self.logits(x, cond_BC), stats
+
+
+def _check_labels(labels: Tensor, num_classes: int) -> None:
+    """Raise when a label is outside ``[0, num_classes]``, without a host sync where one would cost.
+
+    On the CPU in eager mode the check reads the tensor and raises ``ValueError``. On an accelerator, or
+    while ``torch.compile`` traces, it is a device-side assertion (``RuntimeError`` with the same message,
+    raised when the device reaches it), so the forward neither waits for the device nor breaks the graph.
+    """
+    bad = (labels < 0) | (labels > num_classes)
+    msg = f"labels must lie in [0, {num_classes}] ({num_classes} = null class)"
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(bad.any()):
+            raise ValueError(msg)
+    else:
+        torch._assert_async(~bad.any(), msg)
 
 
 def _weight(lin: nn.Linear) -> Tensor:

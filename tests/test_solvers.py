@@ -254,7 +254,8 @@ def test_nan_row_is_frozen_and_other_rows_are_bit_identical(cls, separable: bool
 
     st = sol.stats
     assert int(st.status[bad]) == Status.NON_FINITE
-    assert int(st.nfe[bad]) == nan_at + 1  # stopped at the first NaN evaluation
+    # stopped at the first NaN evaluation, or after the solver's retries (shrink and retry) all came back NaN
+    assert int(st.nfe[bad]) == nan_at + 1 + solver.non_finite_retries
     assert torch.isfinite(sol.z).all()
     # the bad row returns its lowest-residual finite iterate: its residual is the smallest finite trace entry
     col = st.abs_trace[:, bad]

@@ -9,12 +9,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from deqgen.files import atomic_file
+
 __all__ = ["save_grid"]
 
 
 def save_grid(path: str | os.PathLike[str], images: Tensor, nrow: int, pad: int = 2) -> Path:
     """Tile ``(N, C, H, W)`` images in ``[0, 1]`` (C = 1 or 3), ``nrow`` per row, white ``pad`` pixels
-    between them, and write a PNG atomically (temp file + rename).
+    between them, and write a PNG atomically (:func:`deqgen.files.atomic_file`).
 
     Raises:
         ImportError: Pillow is not installed (the message says what to install).
@@ -33,8 +35,6 @@ def save_grid(path: str | os.PathLike[str], images: Tensor, nrow: int, pad: int 
     arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8)
     arr = arr[0].numpy() if c == 1 else arr.permute(1, 2, 0).numpy()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:  # ordinary permissions under the user's umask
+        Image.fromarray(arr).save(tmp, format="PNG")
     return path

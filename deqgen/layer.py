@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from deqgen.gradients import SJFB, GradientMethod, GradInfo, forward_solve
-from deqgen.nn.dropout import new_solve
+from deqgen.nn.dropout import new_solve, solve_rows
 from deqgen.nn.normalization import normalized_once
 from deqgen.solvers.base import Solver
 from deqgen.solvers.picard import Picard
@@ -71,7 +71,12 @@ class _Call:
         return fz
 
     def _apply(self, z: Tensor, k: int, rows: Tensor | None) -> Tensor:
-        x = take(self.x, rows) if self.separable else self.x
+        if not self.separable:
+            return self._call_f(z, self.x, k)
+        with solve_rows(self.f, rows):  # dropout masks follow the rows still running
+            return self._call_f(z, take(self.x, rows), k)
+
+    def _call_f(self, z: Tensor, x: Any, k: int) -> Tensor:
         if self.spec is None:
             return self.f(z, x, k)
         return self.spec.pack(self.f(self.spec.unpack(z), x, k), "f's output")

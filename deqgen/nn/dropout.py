@@ -8,15 +8,20 @@ dropout in recurrent neural networks") and its use in DEQs (Bai et al., NeurIPS 
 
 :class:`~deqgen.layer.ImplicitLayer` starts a new solve on every ``VariationalDropout`` inside its map at the
 start of each forward (with the layer's generator). The mask is drawn lazily on the first evaluation, sized to
-that input's batch and created on its device, so a smaller last batch or a GPU input just works.
+that input's batch and created on its device, so a smaller last batch or a GPU input just works. In a separable
+solve, later evaluations see only the rows still running: the layer names them with :func:`solve_rows`, and
+each row keeps its own mask row.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["VariationalDropout", "dropout_mask", "new_solve"]
+__all__ = ["VariationalDropout", "dropout_mask", "new_solve", "solve_rows"]
 
 
 def dropout_mask(
@@ -69,6 +74,7 @@ class VariationalDropout(nn.Module):
         self.p = float(p)
         self.shared_dims = tuple(shared_dims)
         self.mask: Tensor | None = None
+        self.rows: Tensor | None = None  # the solve's rows in the current input (separable solves)
         self._generator: torch.Generator | None = None
 
     def new_solve(self, generator: torch.Generator | None = None) -> None:
@@ -91,13 +97,14 @@ class VariationalDropout(nn.Module):
         shape = self._mask_shape(x)
         if self.mask is None:
             self.mask = dropout_mask(shape, self.p, x, self._generator)
-        elif tuple(self.mask.shape) != shape:
+        mask = self.mask if self.rows is None else self.mask.index_select(0, self.rows.to(self.mask.device))
+        if tuple(mask.shape) != shape:
             raise ValueError(
                 f"VariationalDropout's mask for this solve has shape {tuple(self.mask.shape)} but the input "
                 f"needs {shape}: its shape changed within one solve (a separable layer passes subsets of "
-                "rows). Use it in a non-separable layer, or call new_solve() between independent solves"
+                "rows without naming them with solve_rows). Call new_solve() between independent solves"
             )
-        return x * self.mask.to(x.dtype)
+        return x * mask.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, shared_dims={self.shared_dims}"
@@ -111,3 +118,24 @@ def new_solve(model: nn.Module | object, generator: torch.Generator | None = Non
     for mod in model.modules():
         if isinstance(mod, VariationalDropout):
             mod.new_solve(generator)
+
+
+@contextlib.contextmanager
+def solve_rows(model: nn.Module | object, rows: Tensor | None) -> Iterator[None]:
+    """Within the block, every :class:`VariationalDropout` of ``model`` applies the rows ``rows`` (a LongTensor
+    ``(B_act,)`` of indices into the batch the mask was drawn for) of its mask; None means the whole batch.
+
+    A separable solve passes its map only the rows still running; :class:`~deqgen.layer.ImplicitLayer` wraps
+    each such evaluation in this block, so every sample keeps the mask drawn for it at the solve's start.
+    """
+    mods = [m for m in model.modules() if isinstance(m, VariationalDropout)] if isinstance(model, nn.Module) else []
+    if rows is None or not mods:
+        yield
+        return
+    for m in mods:
+        m.rows = rows
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.rows = None

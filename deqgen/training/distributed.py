@@ -14,22 +14,28 @@ import datetime
 import logging
 import os
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import Sampler
+
+from deqgen.layer import ImplicitLayer
 
 __all__ = [
     "DistInfo",
     "DistributedBatchSampler",
     "all_reduce_mean",
     "barrier",
+    "fsdp2_units",
     "init_distributed",
     "seed_everything",
     "seed_for_rank",
+    "shard_fsdp2",
     "shared_seed",
     "teardown",
 ]
@@ -119,6 +125,55 @@ def barrier() -> None:
     """Wait for every rank; a no-op without a process group."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _strictly_inside(module: nn.Module, parent: nn.Module) -> bool:
+    """True when ``module`` is a submodule of ``parent`` (not ``parent`` itself)."""
+    return module is not parent and any(module is m for m in parent.modules())
+
+
+def fsdp2_units(model: nn.Module, units: Sequence[nn.Module]) -> list[nn.Module]:
+    """FSDP2 units of ``model`` in wrapping order: the outermost implicit layers, then ``units`` outside them.
+
+    An :class:`~deqgen.layer.ImplicitLayer` calls its map ``f`` at every iteration of a solve. Were a block
+    inside ``f`` its own FSDP2 unit, its weights would be all-gathered at each call (and again for each
+    recorded step in backward), up to ~20 times per step for VIAR. Made one unit instead, the layer gathers
+    its weights once in its forward, keeps them through the whole solve, reshards after it, and gathers
+    once more in backward. So the ``units`` a task names that lie inside an implicit layer are dropped.
+
+    Args:
+        model: the model to shard.
+        units: the submodules the task shards one by one (e.g. every transformer block).
+
+    Returns:
+        The modules to pass to ``fully_shard`` in order, before the root.
+    """
+    implicit = [m for m in model.modules() if isinstance(m, ImplicitLayer)]
+    outermost = [m for m in implicit if not any(_strictly_inside(m, p) for p in implicit)]
+    kept = [u for u in units if not any(u is p or _strictly_inside(u, p) for p in outermost)]
+    return outermost + kept  # inner before outer: a task's unit may contain an implicit layer
+
+
+def shard_fsdp2(model: nn.Module, units: Sequence[nn.Module], mesh: Any | None = None) -> nn.Module:
+    """Wrap ``model`` with FSDP2 (``fully_shard``): each of :func:`fsdp2_units`, then the root.
+
+    Every implicit layer is one unit, so its weights are gathered once per solve, not once per iteration
+    (see :func:`fsdp2_units`). Sampling must then go through the layer's forward or an exported model:
+    calling its map directly bypasses the gather.
+
+    Args:
+        model: the model, already on its device.
+        units: the submodules the task shards one by one.
+        mesh: a ``DeviceMesh`` (default: FSDP2's, over the default process group).
+
+    Returns:
+        ``model``, now an ``FSDPModule`` whose parameters are sharded DTensors.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in fsdp2_units(model, units):
+        fully_shard(unit, mesh=mesh)
+    return fully_shard(model, mesh=mesh)  # type: ignore[no-any-return]
 
 
 def seed_for_rank(seed: int, rank: int) -> int:

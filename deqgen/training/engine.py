@@ -38,6 +38,7 @@ from deqgen.training.distributed import (
     all_reduce_mean,
     barrier,
     seed_for_rank,
+    shard_fsdp2,
     shared_seed,
 )
 from deqgen.training.lr_schedule import LRSchedule, WDSchedule, apply_schedules, build_schedules, param_groups
@@ -344,11 +345,7 @@ def wrap(task: Task, model: nn.Module, cfg: TrainConfig, dist: DistInfo) -> nn.M
     if not dist.is_distributed:
         return model
     if cfg.distributed.strategy == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
-
-        for unit in task.shard_units(model):
-            fully_shard(unit)
-        return fully_shard(model)  # type: ignore[no-any-return]
+        return shard_fsdp2(model, task.shard_units(model))  # implicit layers: one gather per solve
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [dist.device.index] if dist.device.type == "cuda" else None

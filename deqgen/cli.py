@@ -8,6 +8,7 @@
     deqgen edit ckpt/viar_d30 --vqvae ckpt/vae --image in.png --box 64 64 192 192 --class 980 --out edit.png
     torchrun --standalone --nproc_per_node=8 -m deqgen eval ckpt/viar_d30 --vqvae ckpt/vae --per-class 50 \
         --out samples.npz --reference VIRTUAL_imagenet256_labeled.npz --inception-weights weights-inception.pth
+    deqgen demo recipes/mnist_cpu.yaml --out runs/digits
     deqgen report runs/digits
 
 Errors (bad arguments, an invalid recipe, unreadable checkpoints) print to stderr and exit with code 2;
@@ -127,6 +128,42 @@ def _train(args: argparse.Namespace) -> int:
         return 2
 
 
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    _train_args(p, resume=False)
+    p.add_argument("--out", type=Path, default=Path("runs/digits"), help="run folder (default runs/digits)")
+    p.add_argument("--classifier-epochs", type=int, default=5, help="epochs of the held-out judge (default 5)")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """``deqgen train`` a digits recipe into ``--out``, then score its samples with a held-out judge."""
+    import json
+
+    from deqgen.evaluation.digits_judge import judge_run
+    from deqgen.evaluation.digits_run import check_digits_recipe
+    from deqgen.evaluation.report import ReportError
+
+    args.overrides = [*args.overrides, f"logging.out_dir={json.dumps(str(args.out))}"]
+    cfg = _load_recipe(args)
+    if cfg is None:
+        return 2
+    if args.classifier_epochs < 1:
+        print(f"error: --classifier-epochs must be >= 1, got {args.classifier_epochs}", file=sys.stderr)
+        return 2
+    try:
+        check_digits_recipe(cfg, args.config_path or args.config_flag)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    code = _train(args)
+    if code != 0:
+        return code
+    metrics = judge_run(args.out, classifier_epochs=args.classifier_epochs)
+    keys = ("parameters", "class_accuracy", "feature_fid_vs_heldout", "final_loss")
+    print(json.dumps({n: {k: v[k] for k in keys} for n, v in metrics.items() if isinstance(v, dict)}, indent=2))
+    print(f"wrote {args.out}/grid.png, loss.png, metrics.json")
+    return 0
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="converted model directory (deqgen convert)")
     p.add_argument("--vqvae", required=True, help="converted tokenizer directory")
@@ -234,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="deqgen", description="deqgen command line")
     sub = ap.add_subparsers(dest="cmd", required=True)
     _train_args(sub.add_parser("train", help="train a recipe YAML: tokenizer (if asked), model, baseline; resumable"))
+    _demo_args(sub.add_parser("demo", help="the CPU digits job: deqgen train a digits recipe, then score its "
+                                           "samples with a classifier trained on held-out digits"))
     pt = sub.add_parser("pretokenize", help="encode a recipe's training images once into token pyramids")
     _train_args(pt, resume=False)
     pt.add_argument("--out", type=Path, required=True, help="the folder to write (then set data.pretokenized)")
@@ -257,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--samples", type=int, default=4)
     _eval_args(sub.add_parser("eval", help="class-major ADM sample file (.npz), sharded over torchrun ranks, "
                                            "resumable; optional FID/IS or digits metrics"))
-    r = sub.add_parser("report", help="report.md + plots for a CPU demo run (recipes.digits_demo): VIAR vs VAR")
+    r = sub.add_parser("report", help="report.md + plots for a `deqgen demo` run: VIAR vs VAR")
     r.add_argument("run_dir", type=Path, help="the demo's output folder (e.g. runs/digits)")
     r.add_argument("--out", type=Path, default=None, help="report folder (default RUN_DIR/report)")
     r.add_argument("--quick", action="store_true", help="small sample counts and sweeps (tests, a first look)")
@@ -269,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     if args.cmd == "train":
         return _train(args)
+    if args.cmd == "demo":
+        return _demo(args)
     if args.cmd == "pretokenize":
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         return _pretokenize(args)

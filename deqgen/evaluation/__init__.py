@@ -1,7 +1,9 @@
 """Sample-quality evaluation: Fréchet distance / IS / precision-recall, ADM sample files, torch-fidelity, digits judge.
 
 Nothing here downloads. torch-fidelity is optional (``pip install 'deqgen[eval]'``) and imported only by
-:func:`compute_fidelity_metrics`.
+:func:`compute_fidelity_metrics`. The digits judge (:mod:`~deqgen.evaluation.digits_judge`) and ``deqgen report``
+(:func:`deqgen.evaluation.make_report.build_report`) read a training run and are imported from their modules, so
+that importing this package (the training engine imports :mod:`~deqgen.evaluation.memory`) loads no training code.
 """
 
 from deqgen.evaluation.digits_classifier import (
@@ -37,7 +39,6 @@ from deqgen.evaluation.npz import (
     to_uint8_nhwc,
     write_samples_npz,
 )
-from deqgen.evaluation.make_report import build_report
 from deqgen.evaluation.report import ReportError
 from deqgen.evaluation.sample_files import (
     SampleSpec,
@@ -57,7 +58,6 @@ __all__ = [
     "SampleChunk",
     "SampleSpec",
     "ShardedSampleWriter",
-    "build_report",
     "class_accuracy",
     "compute_fidelity_metrics",
     "extract_features",

@@ -1,4 +1,4 @@
-"""Writing ``report.md`` and its plots from the measurements of :mod:`deqgen.evaluation.report`.
+"""Writing ``report.md`` and its plots from the report's measurements (see :mod:`deqgen.evaluation.report`).
 
 :class:`ReportData` holds plain data (dumped as ``report.json``); :func:`write_report` formats the markdown
 tables with the paper's claim and a verdict on each row, and draws the PNGs (matplotlib, an optional extra,
@@ -17,19 +17,17 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from deqgen.evaluation.report import (
-    ConvergenceCurve,
-    MemoryPoint,
-    ReportSettings,
-    SweepResult,
-    solver_gap,
-)
+from deqgen.evaluation.convergence import ConvergenceCurve, solver_gap
+from deqgen.evaluation.report import ReportSettings
+from deqgen.evaluation.sampling_sweep import SweepResult
+from deqgen.evaluation.training_memory import MemoryPoint
 
 __all__ = ["PAPER", "ReportData", "require_matplotlib", "write_report"]
 
 # ---- the report -------------------------------------------------------------------------------------
 
-#: The paper's headline numbers (viar_facts.md section 10 and 6), quoted in the report.
+#: The headline numbers of the VIAR paper (Visual Implicit Autoregressive Modeling, arXiv 2605.01220),
+#: quoted in the report next to what this run measured.
 PAPER: Mapping[str, Any] = MappingProxyType({
     "fid": 2.16,
     "viar_params": 770.9e6,
@@ -44,16 +42,17 @@ class ReportData:
     """Everything :func:`write_report` needs (plain data, also dumped as ``report.json``).
 
     Attributes:
-        run_dir: the demo run.
+        run_dir: the digits run.
         settings: the sizes used; ``quick`` whether they were :data:`~deqgen.evaluation.report.QUICK`.
         parameters: ``{"viar": n, "var": n}``.
-        sweep: results of :func:`~deqgen.evaluation.report.sample_sweep` (VAR first, then VIAR with the demo's schedule and both caches).
-        floor: real-vs-real feature-FID at the generated sets' size (:func:`~deqgen.evaluation.report.real_floor` with ``per_class``).
+        sweep: results of :func:`~deqgen.evaluation.sampling_sweep.sample_sweep` (VAR first, then VIAR with
+            the run's own schedule and both caches).
+        floor: real-vs-real feature-FID at the generated sets' size (:func:`~deqgen.evaluation.sampling_sweep.real_floor` with ``per_class``).
         floor_all: the same with all training digits.
-        memory: :func:`~deqgen.evaluation.report.training_memory` points.
-        convergence: ``{cache: curves}`` from :func:`~deqgen.evaluation.report.convergence_curves`.
+        memory: :func:`~deqgen.evaluation.training_memory.training_memory` points.
+        convergence: ``{cache: curves}`` from :func:`~deqgen.evaluation.convergence.convergence_curves`.
         machine: cores, threads, torch version, load averages, wall time.
-        sampling: the demo's sampler settings.
+        sampling: the run's ``sampling`` section (from its ``config.yaml``).
     """
 
     run_dir: Path
@@ -228,7 +227,7 @@ def write_report(d: ReportData, out_dir: Path) -> Path:
     K = d.settings.convergence_iterations
     m = d.machine
     lines = [
-        f"# VIAR vs VAR on the CPU digits demo: `{d.run_dir}`",
+        f"# VIAR vs VAR on a digits run: `{d.run_dir}`",
         "",
         (f"Measured by `deqgen report`{' --quick (small counts: numbers are noise)' if d.quick else ''} in "
          f"{m['wall_seconds']:.0f} s on {m['cpu_count']} CPU cores ({m['torch_threads']} torch thread(s), torch "
@@ -236,12 +235,12 @@ def write_report(d: ReportData, out_dir: Path) -> Path:
          "Timings are measured side by side in one run (round robin over configurations, batch by batch) and are "
          "best read as ratios; the machine may be shared."),
         "",
-        (f"Sampler settings from the demo: cfg scale {d.sampling['cfg_scale']}, top-k {d.sampling['top_k']}, top-p "
+        (f"Sampler settings from the run's config.yaml: cfg scale {d.sampling['cfg_scale']}, top-k {d.sampling['top_k']}, top-p "
          f"{d.sampling['top_p']}, seed {d.sampling['seed']}; {d.settings.per_class} samples per class per "
          f"configuration, batches of {d.settings.batch_size}; every configuration draws the same per-sample seeds. "
          "Quality is judged by the run's own digits classifier (trained on held-out real digits the generators "
          "never saw): class accuracy of the samples, and the Fréchet distance in its 128-d feature space against "
-         "those held-out digits (feature-FID). Paper numbers are quoted from viar_facts.md; the paper's models are "
+         "those held-out digits (feature-FID). Paper numbers are quoted from the VIAR paper (arXiv 2605.01220); the paper's models are "
          "~1000x larger and run on a GPU, so only directions and ratios can be compared."),
         "",
         "## 1. VIAR vs the same-width VAR",
@@ -252,7 +251,7 @@ def write_report(d: ReportData, out_dir: Path) -> Path:
         "",
         *_model_table(d),
         "",
-        (f"VIAR samples with the demo's schedule `{d.sampling['schedule']}`. The KV bytes are those held at the end "
+        (f"VIAR samples with the run's own schedule `{d.sampling['schedule']}`. The KV bytes are those held at the end "
          "of a batch (the cache's peak), per image, guidance rows included; the iteration-keyed cache keeps one K/V "
          "per iteration in the implicit block (the official semantics, equal to teacher forcing for a constant "
          "count), the lean cache one per scale."),
@@ -260,7 +259,7 @@ def write_report(d: ReportData, out_dir: Path) -> Path:
         "## 2. Training step: memory and time against no-grad iterations k1",
         "",
         (f"Paper claim: constant training memory in the number of no-grad iterations (the paper's S-JFB). "
-         f"viar_facts.md (section 11.1) found that the official code records its \"no-grad\" phase, so its memory "
+         f"The official VIAR code runs its \"no-grad\" phase under a `nullcontext`, which records it, so its memory "
          f"grows with k1. One training step (forward, cross-entropy, backward) of this run's VIAR, batch "
          f"{d.settings.train_batch}, k2 = {d.settings.k2} recorded iterations, float32, one thread, each point in a "
          "fresh process. `deqgen` is deqgen's S-JFB (k1 phase under `torch.no_grad()`); `official pattern` runs "
@@ -290,7 +289,7 @@ def write_report(d: ReportData, out_dir: Path) -> Path:
         "## 4. Convergence of the implicit block per scale",
         "",
         (f"Paper claim: the cosine similarity between an iterate and the equilibrium exceeds 0.98 by 5 "
-         f"iterations at the largest scales. The sampler ran `constant:{K}` Picard with the demo's guidance on "
+         f"iterations at the largest scales. The sampler ran `constant:{K}` Picard with the run's guidance on "
          f"{d.settings.convergence_per_class} sample(s) per class; a forward hook recorded every iterate z_k of the "
          f"implicit map (z_0 = the pre blocks' output, z_k = f applied k times). Relative residual "
          f"|f(z_k) - z_k| / |f(z_k)| and cosine(z_k, z_{K}) are per row (all tokens and channels of the scale), "

@@ -46,7 +46,7 @@ from deqgen.training.metrics import MetricLogger, make_metric_logger, progress_b
 from deqgen.training.schema import TrainConfig
 from deqgen.training.task import ModelRole, Randomness, StepOutput, Task, TrainResult
 
-__all__ = ["RunLength", "TrainState", "fit", "optimizer_step", "resume_for"]
+__all__ = ["RunLength", "TrainState", "compile_model", "fit", "optimizer_step", "resume_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +175,7 @@ def plan_length(cfg: TrainConfig, dist: DistInfo, batches_per_epoch: int, num_sa
 def build_state(task: Task, cfg: TrainConfig, dist: DistInfo, model: nn.Module, index: int) -> TrainState:
     """Wrap the model (before the optimizer: FSDP2 replaces the parameters by sharded ones), then AdamW,
     the GradScaler and the random streams."""
+    compile_model(model, cfg, dist)
     wrapped = wrap(task, model, cfg, dist)
     groups = param_groups(model, cfg.optim.no_weight_decay, cfg.optim.no_weight_decay_1d)
     fused = cfg.optim.fused and dist.device.type == "cuda"
@@ -351,6 +352,20 @@ def wrap(task: Task, model: nn.Module, cfg: TrainConfig, dist: DistInfo) -> nn.M
     ids = [dist.device.index] if dist.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=cfg.distributed.find_unused_parameters,
                                    broadcast_buffers=cfg.distributed.broadcast_buffers)
+
+
+def compile_model(model: nn.Module, cfg: TrainConfig, dist: DistInfo) -> None:
+    """``training.compile``: resolve the attention kernels for the autocast dtype (a model's
+    ``prepare_attention``, when it has one), then compile its forward in place (``nn.Module.compile``: the
+    state-dict keys stay as they are, so checkpoints do not change)."""
+    if not cfg.training.compile:
+        return
+    dtype = _AUTOCAST[cfg.precision.dtype] or next(model.parameters()).dtype
+    prepare = getattr(model, "prepare_attention", None)
+    if callable(prepare):
+        prepare(dist.device, dtype)
+    model.compile()
+    logger.info("training.compile: %s compiled for %s, %s", type(model).__name__, dist.device, dtype)
 
 
 @contextlib.contextmanager

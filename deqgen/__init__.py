@@ -10,6 +10,7 @@ Public API (anything not re-exported here may change)::
 """
 
 from deqgen import gradients, nn, regularization, solvers, tree
+from deqgen._version import __version__ as __version__
 from deqgen.gradients import JFB, SJFB, BackwardStatsRecorder, GradInfo, ImplicitDiff, Phantom, Unrolled
 from deqgen.kv_cache import AppendCache, EquilibriumCache, IterationKeyedCache, KVCache, MissingIterationError
 from deqgen.layer import ImplicitLayer, implicit_solve
@@ -21,8 +22,6 @@ from deqgen.regularization import fp_correction, jac_reg, spectral_radius
 from deqgen.solve import fixed_point
 from deqgen.solvers import Anderson, Broyden, Picard, Solver, run
 from deqgen.stats import Solution, SolverError, SolverStats, Status
-
-__version__ = "0.1.0"
 
 __all__ = [
     "JFB",

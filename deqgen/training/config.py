@@ -16,7 +16,14 @@ from deqgen.training import tasks
 from deqgen.training.checkpoint import CheckpointConfigMismatch
 from deqgen.training.schema import ConfigError, TrainConfig, read_yaml, validate_config
 
-__all__ = ["DEFAULT_TASK", "check_config_compatible", "load_config", "load_config_text"]
+__all__ = [
+    "DEFAULT_TASK",
+    "check_config_compatible",
+    "load_config",
+    "load_config_text",
+    "packaged_recipes",
+    "resolve_recipe",
+]
 
 #: The task of a recipe without a ``task`` field (every recipe written before tasks existed).
 DEFAULT_TASK = "generation"
@@ -49,7 +56,9 @@ def load_config(
     """Read a recipe YAML, apply ``a.b.c=value`` overrides in order, and validate it as its task's config.
 
     Args:
-        path: the YAML file; its ``task`` field (default :data:`DEFAULT_TASK`) names the task.
+        path: the YAML file, or the bare name of a recipe shipped with deqgen (``mnist_cpu``,
+            ``viar_imagenet``; see :func:`resolve_recipe`); its ``task`` field (default :data:`DEFAULT_TASK`)
+            names the task.
         overrides: ``dotted.key=value`` strings (see :func:`deqgen.training.schema.validate_config`).
         check_paths: check that path fields exist: ``True`` (all), ``False`` (none), or a subset of the
             task's path sections, such as ``{"tokenizer", "checkpoint"}``.
@@ -63,13 +72,39 @@ def load_config(
         ConfigError: unreadable file, bad YAML, unknown task, bad override, or invalid fields (the message
             lists every bad field with its dotted path, value and the allowed values or type).
     """
-    p = Path(path)
+    p = resolve_recipe(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read the config file ({e.strerror or e})") from None
     return load_config_text(text, overrides, source=str(p), check_paths=check_paths, world_size=world_size,
                             device=device)
+
+
+def packaged_recipes() -> dict[str, Path]:
+    """The recipe YAMLs shipped inside the package (``deqgen/recipes/*.yaml``), by bare name."""
+    folder = Path(__file__).resolve().parents[1] / "recipes"
+    return {f.stem: f for f in sorted(folder.glob("*.yaml"))}
+
+
+def resolve_recipe(path: str | os.PathLike[str]) -> Path:
+    """The YAML file a recipe argument names: an existing path as given, else a shipped recipe's bare name.
+
+    ``deqgen train mnist_cpu`` (or ``mnist_cpu.yaml``) thus works after a plain ``pip install``, while
+    ``deqgen train recipes/mnist_cpu.yaml`` or any other path keeps meaning that file.
+
+    Raises:
+        ConfigError: ``path`` does not exist and is not a shipped recipe's name (the message lists them).
+    """
+    p = Path(path)
+    if p.exists() or len(p.parts) != 1:
+        return p
+    shipped = packaged_recipes()
+    name = p.stem if p.suffix in (".yaml", ".yml") else p.name
+    if name in shipped:
+        return shipped[name]
+    raise ConfigError(f"{p}: no such config file, and not the name of a shipped recipe; give a YAML path "
+                      f"or one of {sorted(shipped)}")
 
 
 def _task_name(data: dict[str, object], overrides: Sequence[str], source: str) -> str:

@@ -129,7 +129,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    _train_args(p, resume=False)
+    _train_args(p)  # a rerun resumes the training, as deqgen train does
     p.add_argument("--out", type=Path, default=Path("runs/digits"), help="run folder (default runs/digits)")
     p.add_argument("--classifier-epochs", type=int, default=5, help="epochs of the held-out judge (default 5)")
 

@@ -61,6 +61,10 @@ class ImplicitSpec:
     weight_norm: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("train_no_grad", "train_with_grad"):  # JSON/YAML give lists; tuples compare equal
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(value))
         if self.pre_depth < 0 or self.post_depth < 0:
             raise ValueError(f"pre_depth and post_depth must be >= 0, got {self.pre_depth}, {self.post_depth}")
         _check_range("train_no_grad", tuple(self.train_no_grad), 0)

@@ -22,21 +22,25 @@ unexpected and mis-shaped keys are all listed by name, and nothing is written wh
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from deqgen.files import atomic_file
 from deqgen.models.viar.config import PATCH_NUMS_256, ImplicitSpec, TransformerConfig
+from deqgen.models.viar.export import (
+    CheckpointError,
+    check_state_dict,
+    from_pretrained,
+    load_converted,
+    save_converted,
+)
 from deqgen.models.viar.model import NextScaleTransformer, build_model
 
 __all__ = [
@@ -52,6 +56,8 @@ __all__ = [
     "save_converted",
     "load_converted",
     "convert_checkpoint",
+    "from_pretrained",
+    "slim_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,41 +86,123 @@ _DROPPED = re.compile(r"^(lvl_1L|attn_bias_for_masking)$|\.attn\.zero_k_bias$")
 _WRAPPERS = (("trainer", "var_wo_ddp"), ("trainer", "vae_local"), ("state_dict",), ("model",), ("module",))
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not match the model; the message names the file and keys."""
-
-
 # ---- reading ---------------------------------------------------------------------------------------------
 
 
-def read_official(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+def read_official(path: str | os.PathLike[str], *, allow_args: bool = False) -> dict[str, Tensor]:
     """Load an official ``.pth`` with ``torch.load(weights_only=True)`` and return its tensor state dict.
 
+    The file is memory-mapped when it is in torch's zip format, so the tensors are read from disk on demand
+    and converting needs about one copy of the model in memory, not two.
+
+    Args:
+        path: the official file.
+        allow_args: also accept a training checkpoint (``ar-ckpt-*.pth``) that pickles the official run's
+            ``args`` object (``utils.arg_util.Args`` or ``argparse.Namespace``): those classes, and only
+            those, are allow-listed and rebuilt as inert stand-ins (:class:`OfficialArgs`), never by
+            running the official code; the args are then dropped. Anything else that is not a tensor or a
+            plain container is still refused.
+
+    Returns:
+        The model's state dict (a ``module.`` prefix from DDP stripped).
+
     Raises:
-        CheckpointError: missing file, a pickle with non-tensor objects, or no state dict inside.
+        CheckpointError: missing file, a pickle with other objects (naming what it found and the fix), no
+            state dict inside, or a non-tensor entry in the state dict (naming it).
     """
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint file not found: {p}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for arbitrary objects, RuntimeError for a torn zip
-        raise CheckpointError(
-            f"{p}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {str(e)[:300]}); "
-            "deqgen only reads tensors and plain containers, never arbitrary pickled objects"
-        ) from None
+    obj = _torch_load(p, allow_args)
     sd = _unwrap(obj, p)
-    bad = [k for k, v in sd.items() if not isinstance(v, Tensor)]
+    bad = [f"{k} ({type(v).__name__})" for k, v in sd.items() if not isinstance(v, Tensor)]
     if bad:
-        raise CheckpointError(f"{p}: entries that are not tensors: {bad[:10]}")
+        raise CheckpointError(
+            f"{p}: state-dict entries that are not tensors: {', '.join(bad[:10])}; remove them (a state dict "
+            "maps parameter names to tensors)"
+        )
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
 
 
-def _unwrap(obj: Any, p: Path) -> dict[str, Tensor]:
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
-        return dict(obj)
+class OfficialArgs:
+    """Inert stand-in for the official training ``args`` object: its attributes, no behaviour.
+
+    :func:`read_official` with ``allow_args=True`` rebuilds a pickled ``utils.arg_util.Args`` (VAR / VIAR)
+    or ``argparse.Namespace`` as this class, so the official code is never imported or run.
+    """
+
+    def __setstate__(self, state: object) -> None:
+        """Keep the pickled attributes (a dict, or a ``(dict, slots)`` pair) as plain attributes."""
+        if isinstance(state, tuple) and len(state) == 2:
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+
+#: The only classes ``allow_args=True`` lets the unpickler build, and what it builds instead.
+_ARGS_STAND_INS: tuple[tuple[type, str], ...] = (
+    (OfficialArgs, "utils.arg_util.Args"),
+    (OfficialArgs, "argparse.Namespace"),
+)
+
+
+def _torch_load(p: Path, allow_args: bool) -> Any:
+    mmap = _is_zip(p)
+    try:
+        if allow_args:
+            with torch.serialization.safe_globals(list(_ARGS_STAND_INS)):
+                return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # UnpicklingError for arbitrary objects, RuntimeError for a torn zip
+        hint = "" if allow_args else (
+            "; an official training checkpoint (ar-ckpt-*.pth) that pickles its args object loads with "
+            "allow_args=True (`deqgen convert --slim`)"
+        )
+        raise CheckpointError(
+            f"{p}: cannot be read with torch.load(weights_only=True) "
+            f"({type(e).__name__}: {_load_reason(e)}); "
+            f"deqgen only reads tensors and plain containers, never arbitrary pickled objects{hint}"
+        ) from None
+
+
+def _load_reason(e: Exception) -> str:
+    """The informative line of a torch.load error (for weights_only: the global it refused)."""
+    text = str(e)
+    m = re.search(r"Unsupported global: (GLOBAL \S+)", text)
+    if m:
+        return f"it pickles the object {m.group(1).removeprefix('GLOBAL ')}, which is not allowed"
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _is_zip(p: Path) -> bool:
+    with open(p, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
+
+
+def slim_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Write only the model's state dict of an official training checkpoint to ``dst`` (a plain ``.pth``).
+
+    The official ``utils/save_slim.py`` step, without unpickling arbitrary objects: ``src`` is read with
+    :func:`read_official` and ``allow_args=True``.
+
+    Args:
+        src: an official ``ar-ckpt-*.pth`` (or any file :func:`read_official` accepts).
+        dst: the slim file, written atomically with ordinary permissions.
+
+    Returns:
+        ``dst``.
+    """
+    sd = read_official(src, allow_args=True)
+    dst = Path(dst)
+    with atomic_file(dst) as tmp:
+        torch.save(sd, tmp)
+    logger.info("wrote %s (%d tensors from %s)", dst, len(sd), src)
+    return dst
+
+
+def _unwrap(obj: Any, p: Path) -> dict[str, Any]:
     if isinstance(obj, Mapping):
         for path in _WRAPPERS:
             cur: Any = obj
@@ -122,6 +210,8 @@ def _unwrap(obj: Any, p: Path) -> dict[str, Tensor]:
                 cur = cur.get(key) if isinstance(cur, Mapping) else None
             if isinstance(cur, Mapping) and cur:
                 return _unwrap(cur, p)
+        if any(isinstance(v, Tensor) for v in obj.values()):
+            return dict(obj)  # a state dict; the caller names any non-tensor entry
     raise CheckpointError(
         f"{p}: no state dict found (expected a dict of tensors, or one under "
         f"{', '.join('/'.join(w) for w in _WRAPPERS)}); top-level keys: "
@@ -206,23 +296,6 @@ def infer_transformer_config(
     return TransformerConfig(depth=depth, **common)  # type: ignore[arg-type]
 
 
-def _check_against(model: nn.Module, sd: Mapping[str, Tensor], src: str, hint: str = "") -> None:
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(want) - set(sd))
-    unexpected = sorted(set(sd) - set(want))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {want[k]}"
-              for k in sorted(set(want) & set(sd)) if tuple(sd[k].shape) != want[k]]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {missing[:20]}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:20]}")
-        if shapes:
-            parts.append(f"shape mismatches ({len(shapes)}): {shapes[:20]}")
-        raise CheckpointError(f"{src} does not match the model{hint}: " + "; ".join(parts))
-
-
 def convert_transformer(
     sd: Mapping[str, Tensor],
     cfg: TransformerConfig | None = None,
@@ -246,7 +319,7 @@ def convert_transformer(
         out[new] = v
     with torch.device("meta"):
         ref = build_model(cfg, init=False)
-    _check_against(ref, out, src, f" built from {cfg}")
+    check_state_dict(ref, out, src, f" built from {cfg}")
     return out, cfg
 
 
@@ -318,82 +391,8 @@ def convert_vqvae(
     ema = "quantize.ema_vocab_hit_SV"
     if ema in out and tuple(out[ema].shape) != tuple(want[ema].shape):
         out[ema] = torch.zeros(want[ema].shape)
-    _check_against(ref, out, src, f" built from {cfg}")
+    check_state_dict(ref, out, src, f" built from {cfg}")
     return out, cfg
-
-
-# ---- writing and loading ---------------------------------------------------------------------------------
-
-
-def _config_to_json(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def _tuples(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
-
-
-def save_converted(dst: str | os.PathLike[str], state_dict: Mapping[str, Tensor], kind: str, cfg: Any) -> Path:
-    """Write ``dst/model.safetensors`` and ``dst/config.json`` atomically (a temp dir renamed into place).
-
-    An existing ``dst`` is replaced only after the new one is complete.
-    """
-    from safetensors.torch import save_file
-
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"kind": kind})
-        (tmp / "config.json").write_text(json.dumps({"kind": kind, "config": _config_to_json(cfg)}, indent=2))
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("wrote %s (%s, %d tensors)", dst, kind, len(state_dict))
-    return dst
-
-
-def load_converted(src: str | os.PathLike[str], **build_kw: Any) -> nn.Module:
-    """Build the model described by ``src/config.json`` and load ``src/model.safetensors`` strictly.
-
-    Needs no official code and no network. ``build_kw`` goes to :func:`~deqgen.models.viar.model.build_model`
-    for transformers (e.g. ``eval_solver=``, ``attention_backend=``).
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    src = Path(src)
-    try:
-        meta = json.loads((src / "config.json").read_text())
-        kind, raw = meta["kind"], meta["config"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{src / 'config.json'}: unreadable ({e}); convert the checkpoint again") from None
-    try:
-        sd = load_file(str(src / "model.safetensors"))
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"{src / 'model.safetensors'}: unreadable ({e})") from None
-    model: nn.Module
-    if kind in ("var", "viar"):
-        raw = _tuples(raw)
-        model = build_model(TransformerConfig(**raw), init=False, **build_kw)
-    elif kind == "vqvae":
-        from deqgen.models.viar.vqvae import MultiScaleVQVAE, VQVAEConfig
-
-        model = MultiScaleVQVAE(VQVAEConfig(**_tuples(raw)))
-    else:
-        raise CheckpointError(f"{src}: unknown kind {kind!r} (expected var, viar or vqvae)")
-    _check_against(model, sd, str(src / "model.safetensors"))
-    model.load_state_dict(sd, strict=True)
-    return model
 
 
 def _detect(sd: Mapping[str, Tensor]) -> str:
@@ -432,4 +431,4 @@ def convert_checkpoint(
         out, cfg = convert_vqvae(sd, patch_nums=patch_nums, src=str(src))
     else:
         out, cfg = convert_transformer(sd, patch_nums=patch_nums, src=str(src))
-    return save_converted(dst, out, detected, cfg)
+    return save_converted(dst, out, detected, cfg, source=Path(src).name)

@@ -13,8 +13,9 @@ pre-LN attention block; B=8, L=256, C=128, 4 heads, float32, CPU, one thread), z
 
 Each point runs in a fresh subprocess. Columns:
 
-* ``peak RSS``: resident-memory high-water mark (``ru_maxrss``) during the step, above the mark the process
-  had after building the model and a no-grad warm-up (one call of f, one 1-evaluation solve). glibc's
+* ``peak RSS``: how far the resident-memory high-water mark rose during the step above the resident memory
+  after building the model and a no-grad warm-up (one call of f, one 1-evaluation solve), with
+  ``deqgen.evaluation.memory`` (``reset_peak_memory`` then ``peak_memory_bytes``). glibc's
   mmap threshold is fixed (``MMAP_THRESHOLD``) so that the mark follows live memory, not heap fragmentation.
 * ``autograd peak``: the most bytes autograd held for backward at any moment (saved activations counted
   once per storage, parameters excluded), measured exactly with ``saved_tensors_hooks``.
@@ -27,7 +28,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -74,7 +74,7 @@ def _point(impl: str, k1: int) -> dict[str, float]:
     import torch
 
     from deqgen import SJFB, ImplicitLayer, Picard
-    from deqgen.evaluation.memory import SavedTensorBytes
+    from deqgen.evaluation.memory import SavedTensorBytes, peak_memory_bytes, reset_peak_memory
     from deqgen.gradients import forward_solve
 
     torch.set_num_threads(1)
@@ -103,17 +103,17 @@ def _point(impl: str, k1: int) -> dict[str, float]:
         f(x, x, 0)
     forward_solve(lambda z, k: f(z, x, k), x, Picard(tol=None, max_iter=1))
     counter = SavedTensorBytes({p.untyped_storage().data_ptr() for p in f.parameters()})
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = reset_peak_memory("cpu")
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
         step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = peak_memory_bytes("cpu")
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
     return {
-        "peak_mb": (after - before) / 1024,
+        "peak_mb": (after - before) / 2**20,
         "autograd_mb": counter.peak / 2**20,
         "seconds": statistics.median(times),
     }

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -33,13 +32,14 @@ CONFIGS = [
 def _one(kind: str, schedule: str | None, cache: str, width: int, batch: int, repeats: int) -> dict:
     import torch
 
+    from deqgen.evaluation.memory import peak_memory_bytes, reset_peak_memory
     from deqgen.models.viar.config import ImplicitSpec, TransformerConfig
     from deqgen.models.viar.model import build_model
     from deqgen.models.viar.sampling import generate
     from deqgen.models.viar.vqvae import MultiScaleVQVAE, VQVAEConfig
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = reset_peak_memory("cpu")
     implicit = ImplicitSpec(pre_depth=5, post_depth=5) if kind == "viar" else None
     cfg = TransformerConfig(depth=30, embed_dim=width, num_heads=width // 64, implicit=implicit)
     model = build_model(cfg, generator=torch.Generator().manual_seed(0)).eval()
@@ -60,7 +60,7 @@ def _one(kind: str, schedule: str | None, cache: str, width: int, batch: int, re
     its = [float(s.iterations.float().mean()) for s in res.stats]
     return {
         "img_per_s": batch / sorted(times)[len(times) // 2],
-        "peak_rss_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024,
+        "peak_rss_mb": (peak_memory_bytes("cpu") - base) / 2**20,
         "kv_bytes": res.kv_bytes,
         "params": sum(p.numel() for p in model.parameters()),
         "iterations": its,

@@ -12,24 +12,22 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("mlxtend")
 
 from deqgen.cli import main
-from deqgen.evaluation.report import convergence_curves, solver_gap
+from deqgen.evaluation.convergence import convergence_curves, solver_gap
 from deqgen.kv_cache import IterationKeyedCache
 from deqgen.models.viar.model import build_model
 from deqgen.models.viar.schedules import parse_schedule
 from deqgen.models.viar.trunk import ImplicitInput
 from deqgen.models.viar.vqvae import VQVAE_PRESETS, MultiScaleVQVAE
-from recipes.digits_demo import run
+from deqgen.training.config import load_config
+from tests.test_digits_demo import demo_argv
 
 PNG = b"\x89PNG\r\n\x1a\n"
-# the tiny budget of tests/test_digits_demo.py
-TINY = ("tokenizer.train.steps=3", "training.max_steps=4", "optim.warmup_steps=2", "sampling.samples_per_class=2",
-        "training.global_batch_size=16", "training.micro_batch_size=8", "logging.progress_bar=false")
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("digits")
-    run(out, TINY, classifier_epochs=1)
+    assert main(demo_argv(out)) == 0
     return out
 
 
@@ -39,16 +37,34 @@ def report(demo_run: Path) -> Path:
     return demo_run / "report"
 
 
-def test_report_has_its_sections_plots_and_paper_claims(report: Path) -> None:
+def test_report_has_its_sections_plots_and_the_measured_numbers(report: Path) -> None:
+    """The markdown carries what report.json measured (not only the paper's quoted constants)."""
     text = (report / "report.md").read_text()
     for heading in ("## 1. VIAR vs the same-width VAR", "## 2. Training step: memory and time",
                     "## 3. Quality against throughput", "## 4. Convergence of the implicit block"):
         assert heading in text
-    for claim in ("38.4", "19.24 -> 8.53", "15.16 -> 32.08", "0.98 by 5 iterations", "FID 2.16", "CPU cores"):
-        assert claim in text, claim
+    data = json.loads((report / "report.json").read_text())
+    rows = {r["label"]: r for r in data["sweep"]}
+    viar = rows[f"VIAR {data['sampling']['schedule']}"]
+    measured = [f"{data['parameters']['viar']:,}", f"{data['parameters']['var']:,}",
+                f"{viar['class_accuracy']:.3f}", f"{viar['feature_fid']:.2f}", f"{rows['VAR']['feature_fid']:.2f}",
+                f"{viar['images_per_second']:.1f}", f"{data['machine']['cpu_count']} CPU cores"]
+    for number in measured:
+        assert number in text, number
     for png in ("training_memory.png", "quality_vs_throughput.png", "convergence.png"):
         assert (report / png).read_bytes()[:8] == PNG and f"({png})" in text
     assert (report / "heldout_digits.npz").stat().st_size > 0
+
+
+def test_report_reads_the_runs_own_config(report: Path, demo_run: Path) -> None:
+    """Sampler settings come from the run's config.yaml (the recipe's values, not the schema defaults)."""
+    cfg = load_config(demo_run / "config.yaml", check_paths=False, world_size=1)
+    data = json.loads((report / "report.json").read_text())
+    s = cfg.sampling
+    assert data["sampling"] == {"schedule": s.schedule, "cfg_scale": s.cfg_scale, "top_k": s.top_k,
+                                "top_p": s.top_p, "seed": s.seed}
+    assert s.schedule == "linear:4:2"  # the recipe's, which differs from the schema default
+    assert f"VIAR {s.schedule}" in {r["label"] for r in data["sweep"]}
 
 
 def test_kv_bytes_match_the_cache_layout(report: Path, demo_run: Path) -> None:
@@ -90,12 +106,12 @@ def test_convergence_section_is_consistent(report: Path) -> None:
 
 def test_incomplete_run_exits_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path / "missing")]) == 2
-    assert "python -m recipes.digits_demo" in capsys.readouterr().err
+    assert "deqgen demo recipes/mnist_cpu.yaml" in capsys.readouterr().err
     (tmp_path / "half").mkdir()
-    (tmp_path / "half" / "run.json").write_text("{}")
+    (tmp_path / "half" / "config.yaml").write_text("task: generation\n")
     assert main(["report", str(tmp_path / "half")]) == 2
     assert "viar/model.safetensors" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["half", "run.json"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["config.yaml", "half"]
 
 
 def test_curves_match_a_manual_picard_loop_in_float64() -> None:
@@ -107,7 +123,7 @@ def test_curves_match_a_manual_picard_loop_in_float64() -> None:
     vae = vae.double().eval()
     labels = torch.tensor([0, 3, 7])
     K = 7
-    curves = convergence_curves(model, vae, labels, iterations=K, cache="iteration", cfg=0.0, seed=5)
+    curves = convergence_curves(model, vae, labels, iterations=K, cache="iteration", cfg_scale=0.0, seed=5)
     assert [c.tokens for c in curves] == [1, 4, 9, 16]
     for c in curves:
         assert c.rel_residual.shape == (K, 3) and c.cosine.shape == (K + 1, 3)

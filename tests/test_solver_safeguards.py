@@ -8,6 +8,7 @@ import doctest
 import importlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,23 +67,43 @@ def _drive(solver, zs: list[torch.Tensor], gs: list[torch.Tensor]):
 
 
 
-@pytest.mark.parametrize("cls", [Anderson])
-def test_rejected_step_returns_to_previous_iterate(cls) -> None:
+def _anderson_trial(base_x, base_g, dX: list, dG: list, t: float) -> torch.Tensor:
+    """Reference type-II Anderson trial from the base with lam = 0 (numpy least squares), step length t."""
+    G = torch.stack(dG, 1).numpy()  # (D, n)
+    gamma = torch.tensor(np.linalg.lstsq(G, base_g.numpy(), rcond=None)[0])
+    C = torch.stack(dX, 1) + torch.stack(dG, 1)
+    return base_x + t * (base_g - C @ gamma)
+
+
+def test_anderson_rejected_step_keeps_its_base_learns_the_pair_and_backtracks() -> None:
     g = torch.Generator().manual_seed(0)
     z0, z1 = torch.randn(2, 6, generator=g, dtype=F64), torch.randn(2, 6, generator=g, dtype=F64)
     g0, g1 = torch.randn(2, 6, generator=g, dtype=F64), 0.5 * torch.randn(2, 6, generator=g, dtype=F64)
-    outs, st = _drive(cls(reject_ratio=2.0), [z0, z1], [g0, g1])
-    assert bool(st.accelerated.all())  # the step from z1 used the history
+    solver = Anderson(lam=0.0, reject_ratio=2.0, shrink=0.5)
+    outs, st = _drive(solver, [z0, z1], [g0, g1])
     z2 = outs[-1]
     # row 0: residual 100x larger at z2 -> rejected; row 1: smaller -> accepted
     g2 = torch.stack([100 * g1[0], 0.1 * g1[1]])
-    z3, st3 = cls(reject_ratio=2.0).step(st, z2, z2 + g2, g2, torch.linalg.vector_norm(g2, dim=1))
-    step_size = 1.0
-    assert torch.allclose(z3[0], z1[0] + step_size * g1[0], rtol=0, atol=1e-14)  # plain step from z1
-    assert not bool(st3.valid[0].any()) and not bool(st3.accelerated[0])  # history cleared
-    assert bool(st3.valid[1].any())
+    z3, st3 = solver.step(st, z2, z2 + g2, g2, torch.linalg.vector_norm(g2, dim=1))
     assert torch.equal(st3.x_prev[0], z1[0]) and torch.equal(st3.x_prev[1], z2[1])
+    assert st3.fails.tolist() == [1, 0] and st3.t.tolist() == [0.5, 1.0]
+    assert st3.valid.sum(1).tolist() == [2, 2]  # the rejected trial's pair joined the history
+    dX, dG = [z1[0] - z0[0], z2[0] - z1[0]], [g1[0] - g0[0], g2[0] - g1[0]]
+    assert torch.allclose(z3[0], _anderson_trial(z1[0], g1[0], dX, dG, 0.5), rtol=0, atol=1e-10)
+    dX, dG = [z1[1] - z0[1], z2[1] - z1[1]], [g1[1] - g0[1], g2[1] - g1[1]]
+    assert torch.allclose(z3[1], _anderson_trial(z2[1], g2[1], dX, dG, 1.0), rtol=0, atol=1e-10)
 
+
+def test_anderson_recovers_from_a_non_finite_trial() -> None:
+    # the same map as for Broyden below: the first (plain) step lands at 16, where f is NaN; Anderson halves it
+    def f(z):
+        return torch.where(z.abs() > 3.0, math.nan, z + 8.0 * (2.0 - z))
+
+    z0 = torch.zeros(1, 1, dtype=F64)
+    sol = fixed_point(f, z0, Anderson(tol=1e-12, stop_mode="abs", max_iter=50), trace=True)
+    assert int(sol.stats.status[0]) == Status.CONVERGED, sol.stats.summary()
+    assert torch.isnan(sol.stats.abs_trace[1:4, 0]).all()
+    assert abs(float(sol.z) - 2.0) < 1e-12 / 8
 
 
 def test_broyden_rejected_step_learns_its_secant_pair_and_backtracks() -> None:
@@ -119,18 +140,18 @@ def test_broyden_recovers_from_a_non_finite_trial() -> None:
     assert int(picard.stats.status[0]) == Status.NON_FINITE and int(picard.stats.nfe[0]) == 2
 
 
-def test_anderson_restarts_on_ill_conditioned_history() -> None:
-    # residual differences that are (nearly) parallel make the Gram matrix singular -> restart
-    d = torch.randn(1, 8, dtype=F64)
+def test_anderson_keeps_only_the_newest_difference_when_ill_conditioned() -> None:
+    # residual differences that are (nearly) parallel make the Gram matrix singular: the older one is dropped
+    d = torch.randn(1, 8, dtype=F64, generator=torch.Generator().manual_seed(3))
     zs = [torch.zeros(1, 8, dtype=F64) + 0.1 * k * d for k in range(3)]
     gs = [d * (1.0 - 0.1 * k) + 1e-13 * k**2 for k in range(3)]
-    solver = Anderson(m=5, restart_cond=1e6, reject_ratio=math.inf)
+    solver = Anderson(m=5, lam=0.0, restart_cond=1e6, reject_ratio=math.inf)
     outs, st = _drive(solver, zs[:2], gs[:2])
-    assert bool(st.valid.any())  # one difference: well conditioned, kept
+    assert st.valid.sum().item() == 1  # one difference: well conditioned, kept
     outs, st = _drive(solver, zs, gs)
-    assert not bool(st.valid.any())  # the second, parallel difference: restart
-    assert torch.allclose(outs[-1], zs[-1] + gs[-1], rtol=0, atol=1e-14)  # the plain step
-
+    assert st.valid.tolist() == [[False, True, False, False, False]]  # only the newest (slot 1) is left
+    ref = _anderson_trial(zs[2][0], gs[2][0], [zs[2][0] - zs[1][0]], [gs[2][0] - gs[1][0]], 1.0)
+    assert torch.allclose(outs[-1][0], ref, rtol=0, atol=1e-12)
 
 
 @pytest.mark.gpu

@@ -9,9 +9,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from deqgen.solvers.base import Solver
 from deqgen.solvers.numerics import cast_to as _out
 from deqgen.solvers.numerics import combine, known_false, rowdot
+from deqgen.solvers.safeguards import Safeguarded, base_point, judge, next_length
 
 __all__ = ["Anderson", "AndersonState"]
 
@@ -23,14 +23,15 @@ class AndersonState:
     """Per-row history. ``m`` = memory, ``D`` = flattened sample size; tensors are batch-first.
 
     Attributes:
-        dG: ``(B, m, D)`` ring of residual differences ``g_{i+1} - g_i``.
+        dG: ``(B, m, D)`` ring of residual differences ``g_trial - g_base``.
         C: ``(B, m, D)`` ring of ``dX + beta * dG`` (the step basis, one matmul per step).
         H: ``(B, m, m)`` float64 Gram matrix ``dG dG^T`` of the valid slots (zero rows/columns elsewhere),
             updated one row/column per step.
         valid: ``(B, m)`` bool, which ring slots hold a live difference for the row.
-        x_prev, g_prev: ``(B, D)`` the iterate the last step started from and its residual.
+        x_prev, g_prev: ``(B, D)`` the base (the last accepted iterate) and its residual.
         res_prev: ``(B,)`` ``||g_prev||``.
-        accelerated: ``(B,)`` bool, the last step used the history (so it may be rejected).
+        t: ``(B,)`` the step length of the pending trial.
+        fails: ``(B,)`` int32, trials rejected in a row (see :mod:`deqgen.solvers.safeguards`).
         ptr: the ring slot written next (the same for every row).
         k: steps taken.
     """
@@ -42,13 +43,14 @@ class AndersonState:
     x_prev: Tensor
     g_prev: Tensor
     res_prev: Tensor
-    accelerated: Tensor
+    t: Tensor
+    fails: Tensor
     ptr: int = 0
     k: int = 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Anderson(Solver[AndersonState]):
+class Anderson(Safeguarded[AndersonState]):
     """Anderson acceleration with per-sample least squares.
 
     With residual ``g = f(x) - x`` and the last ``m`` differences ``dX, dG``, each sample solves
@@ -61,19 +63,21 @@ class Anderson(Solver[AndersonState]):
         ``z`` is fp16/bf16; the history is kept in float32 then);
       * it restarts (clears a sample's history) when that sample's system is ill-conditioned
         (pivot ratio > ``restart_cond``) or the solve fails;
-      * it rejects an accelerated step whose residual grew by more than ``reject_ratio``: the sample
-        returns to the previous iterate, takes a plain (Picard) step from there and restarts its history.
-        So in the worst case it spends one wasted evaluation per rejection and otherwise behaves like Picard.
+      * it is globalised like :class:`~deqgen.Broyden` (:mod:`deqgen.solvers.safeguards`): a step whose
+        residual grew by more than ``reject_ratio``, or came back NaN/Inf, is rejected; the sample stays at its
+        base, adds the rejected trial's finite difference pair to its history, and retries from the base with
+        a step ``shrink`` times shorter that must pass the Armijo test on the residual norm. An accepted full
+        step costs nothing extra.
 
     Also takes the shared fields of :class:`~deqgen.solvers.base.Solver` (``tol``, ``stop_mode``, ``norm``,
-    ``max_iter``, ``check_every``).
+    ``max_iter``, ``check_every``) and the safeguard's (``reject_ratio``, ``shrink``, ``max_backtracks``, see
+    :class:`~deqgen.solvers.safeguards.Safeguarded`).
 
     Args:
         m: history size (>= 1).
         lam: relative ridge regularisation (>= 0).
         beta: mixing parameter in ``(0, 1]``; ``beta=1`` is undamped.
         restart_cond: restart when the history's estimated condition number exceeds this.
-        reject_ratio: reject an accelerated step whose residual is above ``reject_ratio`` times the previous one.
 
     Example:
         >>> import torch
@@ -87,7 +91,6 @@ class Anderson(Solver[AndersonState]):
     lam: float = 1e-10
     beta: float = 1.0
     restart_cond: float = 1e8
-    reject_ratio: float = 2.0
 
     name: ClassVar[str] = "anderson"
 
@@ -101,8 +104,6 @@ class Anderson(Solver[AndersonState]):
             raise ValueError(f"Anderson got beta={self.beta!r}; use 0 < beta <= 1")
         if not (isinstance(self.restart_cond, (int, float)) and self.restart_cond > 1):
             raise ValueError(f"Anderson got restart_cond={self.restart_cond!r}; use a number > 1")
-        if not (isinstance(self.reject_ratio, (int, float)) and self.reject_ratio >= 1):
-            raise ValueError(f"Anderson got reject_ratio={self.reject_ratio!r}; use a number >= 1 (inf disables it)")
 
     def init(self, z: Tensor) -> AndersonState:
         B, D = z.shape
@@ -116,7 +117,8 @@ class Anderson(Solver[AndersonState]):
             x_prev=torch.zeros(B, D, dtype=wd, device=dev),
             g_prev=torch.zeros(B, D, dtype=wd, device=dev),
             res_prev=torch.zeros(B, dtype=wd, device=dev),
-            accelerated=torch.zeros(B, dtype=torch.bool, device=dev),
+            t=torch.ones(B, dtype=wd, device=dev),
+            fails=torch.zeros(B, dtype=torch.int32, device=dev),
         )
 
     def step(self, state: AndersonState, z: Tensor, fz: Tensor, g: Tensor, res: Tensor) -> tuple[Tensor, AndersonState]:
@@ -128,47 +130,70 @@ class Anderson(Solver[AndersonState]):
             nxt = dataclasses.replace(s, x_prev=x, g_prev=gw, res_prev=res, k=1)
             return (z + beta * g if beta != 1.0 else fz), nxt
 
-        # A step that raised the residual too much is rejected: go back to where it started and restart.
-        # H is kept "clean": rows/columns of unused slots are zero, so they need no masking below.
-        H = s.H
-        reject = s.accelerated & (res > self.reject_ratio * s.res_prev)
-        if known_false(reject):
-            base_x, base_g, base_res = x, gw, res
-            valid = s.valid.clone()
-        else:
-            rej = reject[:, None]
-            base_x = torch.where(rej, s.x_prev, x)
-            base_g = torch.where(rej, s.g_prev, gw)
-            base_res = torch.where(reject, s.res_prev, res)
-            valid = s.valid & ~rej
-            H.mul_(~rej.unsqueeze(-1))
+        finite, reject = judge(res, s.res_prev, s.t, 1.0, s.fails, self.reject_ratio, self.max_backtracks)
+        base_x, base_g, base_res = base_point(reject, (x, gw, res), (s.x_prev, s.g_prev, s.res_prev))
+        valid, H = self._record(s, x, gw, finite)
+        gamma, valid = self._coefficients(s, H, valid, base_g)
 
-        # Record the new difference in ring slot ptr (in place) and its row/column of the Gram matrix.
+        # x_next = x_base + t (beta g_base - C^T gamma); t = 1 (every row, known on CPU) skips one pass and
+        # gives the same bits, so a row's trajectory does not depend on its batch
+        t = next_length(s.t, reject, 1.0, self.shrink)
+        Cg = combine(gamma, s.C)
+        if not known_false(reject):
+            Cg.mul_(t[:, None])
+        x_next = torch.addcmul(base_x, t[:, None] * beta, base_g).sub_(Cg)
+        fails = torch.where(reject, s.fails + 1, 0)
+        nxt = AndersonState(
+            s.dG, s.C, H, valid, base_x, base_g, base_res, t, fails, ptr=(s.ptr + 1) % self.m, k=s.k + 1
+        )
+        return _out(x_next, z.dtype), nxt
+
+    def _record(self, s: AndersonState, x: Tensor, g: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the trial's difference pair to ring slot ``ptr`` (in place) and its row/column of the Gram
+        matrix; a NaN/Inf trial's slot is left empty. Returns ``(valid, H)``. ``H`` stays "clean": rows and
+        columns of unused slots are zero, so the solve needs no masking."""
         p = s.ptr
-        dg = torch.sub(gw, s.g_prev, out=s.dG[:, p])
-        torch.sub(x, s.x_prev, out=s.C[:, p]).add_(dg, alpha=beta)
-        valid[:, p] = ~reject
-        vf = valid.double()
-        h = rowdot(s.dG, dg).double().mul_(vf)  # (B, m), zero against unused slots
-        H[:, p, :] = h
-        H[:, :, p] = h
+        dg = torch.sub(g, s.g_prev, out=s.dG[:, p])
+        torch.sub(x, s.x_prev, out=s.C[:, p]).add_(dg, alpha=self.beta)
+        if not known_false(~finite):  # a NaN/Inf trial carries no secant information
+            s.dG[:, p] = torch.where(finite[:, None], dg, 0.0)
+            s.C[:, p] = torch.where(finite[:, None], s.C[:, p], 0.0)
+        valid = s.valid.clone()
+        valid[:, p] = finite
+        h = rowdot(s.dG, s.dG[:, p]).double().mul_(valid.double())  # (B, m), zero against unused slots
+        s.H[:, p, :] = h
+        s.H[:, :, p] = h
+        return valid, s.H
 
-        # Ridge-regularised least squares on the trace-normalised Gram matrix (scale-free), per sample,
-        # float64 Cholesky without host sync. Unused slots get a unit diagonal and a zero right-hand side.
+    def _coefficients(self, s: AndersonState, H: Tensor, valid: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """``gamma: (B, m)`` from the ridge-regularised least squares on the trace-normalised Gram matrix
+        (scale-free), per sample, by float64 Cholesky without host sync; unused slots get a unit diagonal and a
+        zero right-hand side. A sample whose system is ill-conditioned (or fails) drops all but its newest
+        difference, whose one-term fit is exact. Returns ``(gamma, valid)``."""
+        vf = valid.double()
         tr = torch.diagonal(H, dim1=-2, dim2=-1).sum(-1, keepdim=True).clamp_min(_TINY)  # (B, 1)
         A = torch.diag_embed(vf.mul(self.lam - 1.0).add_(1.0)).addcdiv_(H, tr.unsqueeze(-1))  # diag: lam or 1
-        rhs = rowdot(s.dG, base_g).double().mul_(vf).div_(tr)
+        rhs = rowdot(s.dG, g).double().mul_(vf).div_(tr)
         L, info = torch.linalg.cholesky_ex(A)
         gamma = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
         pivot = torch.diagonal(L, dim1=-2, dim2=-1).amin(-1).square()  # 1 / condition estimate
         good = (pivot * self.restart_cond > 1.0) & (info == 0)  # NaN pivots fail the test too
-        good_col = good[:, None]
-        valid = valid & good_col
-        H.mul_(good_col.unsqueeze(-1))  # a failed sample restarts with an empty history
-        gamma = torch.where(good_col, gamma, 0.0).to(wd)
+        if known_false(~good):
+            return gamma.to(s.dG.dtype), valid
+        return self._keep_newest(s, H, valid, rhs * tr, good[:, None], gamma)
 
-        x_next = torch.add(base_x, base_g, alpha=beta).sub_(combine(gamma, s.C))
-        nxt = AndersonState(
-            s.dG, s.C, H, valid, base_x, base_g, base_res, valid.any(-1), ptr=(p + 1) % self.m, k=s.k + 1
-        )
-        return _out(x_next, z.dtype), nxt
+    def _keep_newest(
+        self, s: AndersonState, H: Tensor, valid: Tensor, dGg: Tensor, good: Tensor, gamma: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """For the rows not ``good``, forget every difference but the newest (slot ``ptr``) and fit ``g`` with
+        it alone: ``gamma_p = (dg_p . g) / ((1 + lam) ||dg_p||^2)``."""
+        p = s.ptr
+        newest = torch.zeros_like(valid)
+        newest[:, p] = valid[:, p]
+        hpp = H[:, p, p].clone()
+        H.mul_(good.unsqueeze(-1))
+        H[:, p, p] = torch.where(good[:, 0], H[:, p, p], hpp)
+        single = torch.zeros_like(gamma)
+        single[:, p] = dGg[:, p] / (hpp * (1 + self.lam)).clamp_min(_TINY)
+        single = torch.where(newest, single, 0.0)
+        return torch.where(good, gamma, single).to(s.dG.dtype), torch.where(good, valid, newest)

@@ -17,13 +17,52 @@ solver feeds it to its model before proposing the next trial from the base.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TypeVar
+
 import torch
 from torch import Tensor
 
-__all__ = ["ARMIJO_C", "judge", "next_length"]
+from deqgen.solvers.base import Solver, check_int
+from deqgen.solvers.numerics import known_false
+
+__all__ = ["ARMIJO_C", "Safeguarded", "judge", "next_length", "base_point"]
 
 ARMIJO_C = 1e-4
 """The sufficient-decrease constant ``c`` of the Armijo test (Nocedal & Wright, 2nd ed., section 3.1)."""
+
+StateT = TypeVar("StateT")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Safeguarded(Solver[StateT]):
+    """The safeguard's fields, shared by :class:`~deqgen.Anderson` and :class:`~deqgen.Broyden`.
+
+    Args:
+        reject_ratio: reject a full step whose residual is above ``reject_ratio`` times the base's (``inf``
+            accepts every finite full step).
+        shrink: factor in ``(0, 1)`` applied to the step length after each rejected trial.
+        max_backtracks: rejected trials in a row before a finite one is accepted anyway; also how many
+            NaN/Inf evaluations in a row a sample survives before it is frozen as non-finite.
+    """
+
+    reject_ratio: float = 2.0
+    shrink: float = 0.5
+    max_backtracks: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        cls = type(self).__name__
+        if not (isinstance(self.reject_ratio, (int, float)) and self.reject_ratio >= 1):
+            raise ValueError(f"{cls} got reject_ratio={self.reject_ratio!r}; use a number >= 1 (inf disables it)")
+        if not (isinstance(self.shrink, (int, float)) and 0.0 < self.shrink < 1.0):
+            raise ValueError(f"{cls} got shrink={self.shrink!r}; use 0 < shrink < 1")
+        check_int(cls, "max_backtracks", self.max_backtracks, 0)
+
+    @property
+    def non_finite_retries(self) -> int:
+        """A NaN/Inf trial is retried with a shorter step up to ``max_backtracks`` times in a row."""
+        return self.max_backtracks
 
 
 def judge(
@@ -48,6 +87,24 @@ def judge(
     bound = torch.where(backtracking, (1 - ARMIJO_C * t) * res_base, reject_ratio * res_base)
     reject = ~finite | ((res > bound) & (fails < max_backtracks))
     return finite, reject
+
+
+def base_point(
+    reject: Tensor, trial: tuple[Tensor, Tensor, Tensor], base: tuple[Tensor, Tensor, Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x, g, res)`` the next trial starts from: the trial where accepted, the old base where rejected.
+
+    ``trial`` and ``base`` are ``(x: (B, D), g: (B, D), res: (B,))``. When no row rejected (known for free on
+    CPU) the trial is returned without a pass over the rows.
+    """
+    if known_false(reject):
+        return trial
+    col = reject[:, None]
+    return (
+        torch.where(col, base[0], trial[0]),
+        torch.where(col, base[1], trial[1]),
+        torch.where(reject, base[2], trial[2]),
+    )
 
 
 def next_length(t: Tensor, reject: Tensor, t_full: float, shrink: float) -> Tensor:

@@ -15,7 +15,10 @@ from deqgen.models.mdeq.config import MDEQConfig
 from deqgen.nn.dropout import new_solve
 from deqgen.solvers.base import Solver
 
-__all__ = ["ExplicitCNN", "MDEQClassifier", "build_classifier", "zero_state"]
+__all__ = ["HEAD_WIDTH", "ExplicitCNN", "MDEQClassifier", "build_classifier", "zero_state"]
+
+HEAD_WIDTH = 4
+"""Channel multiplier of the head's 1x1 convolutions."""
 
 
 def zero_state(config: MDEQConfig, x_BCHW: Tensor) -> MultiScale:
@@ -41,16 +44,19 @@ class _Stem(nn.Sequential):
 
 
 class _Head(nn.Module):
-    """Global average pool of every branch, concatenated, then a linear classifier."""
+    """Per branch a 1x1 convolution to ``HEAD_WIDTH * C_i`` channels and ReLU, then global average pooling,
+    concatenation and a linear classifier. (Pooling the GroupNorm-ed state directly would average each group
+    to about zero; the ReLU features keep the signal, as HRNet's incremental head modules do.)"""
 
     def __init__(self, config: MDEQConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(sum(config.channels), config.num_classes)
+        self.expand = nn.ModuleList(nn.Conv2d(c, HEAD_WIDTH * c, 1) for c in config.channels)
+        self.fc = nn.Linear(HEAD_WIDTH * sum(config.channels), config.num_classes)
 
     def forward(self, z: MultiScale) -> Tensor:
         """The multiscale state -> logits ``(B, num_classes)``."""
-        pooled = torch.cat([F.adaptive_avg_pool2d(z_i, 1).flatten(1) for z_i in z], dim=1)  # (B, sum C_i)
-        return self.fc(pooled)
+        pooled = [F.adaptive_avg_pool2d(F.relu(conv(z_i)), 1).flatten(1) for conv, z_i in zip(self.expand, z)]
+        return self.fc(torch.cat(pooled, dim=1))  # (B, HEAD_WIDTH * sum C_i) -> (B, K)
 
 
 class MDEQClassifier(nn.Module):

@@ -11,12 +11,16 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from deqgen.training.task import Task
+from deqgen.training.tasks.classification import ClassificationTask
 from deqgen.training.tasks.generation import GenerationTask
+from deqgen.training.tasks.inr import INRTask
 
 __all__ = ["TASKS", "get", "names"]
 
 #: Read-only ``name -> task class``.
-TASKS: Mapping[str, type[Task]] = MappingProxyType({"generation": GenerationTask})
+TASKS: Mapping[str, type[Task]] = MappingProxyType(
+    {"generation": GenerationTask, "classification": ClassificationTask, "inr": INRTask}
+)
 
 
 def names() -> tuple[str, ...]:

@@ -1,0 +1,170 @@
+"""Recipe sections and helpers shared by the zoo tasks (``classification``, ``inr``): the DEQ's gradient
+method, solvers and regularisation, the loss terms they add, and the solver metrics of a step.
+
+Names become deqgen objects here (:func:`build_gradient`, :func:`build_solvers`) and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import Tensor
+
+from deqgen import gradients as _gradients
+from deqgen import solvers as _solvers
+from deqgen.gradients import GradInfo
+from deqgen.regularization import fp_correction, jac_reg
+from deqgen.training.schema import Section
+
+__all__ = [
+    "DEQSection",
+    "GradientChoice",
+    "RegularizationSection",
+    "SolverChoice",
+    "build_gradient",
+    "build_solvers",
+    "regularized_loss",
+    "save_weights",
+    "solver_metrics",
+]
+
+
+class GradientChoice(Section):
+    """The DEQ's training gradient method, by its :mod:`deqgen.gradients` name."""
+
+    method: Literal["jfb", "implicit", "phantom", "sjfb", "unrolled"] = Field(
+        "jfb", description="deqgen.gradients name (jfb = 1-step Jacobian-free backprop, implicit = IFT)")
+    options: dict[str, Any] = Field(default_factory=dict, description="constructor options, e.g. {k: 2}")
+
+    @model_validator(mode="after")
+    def _buildable(self) -> GradientChoice:
+        try:
+            build_gradient(self)
+        except TypeError as e:  # an unknown option: pydantic reports only ValueError/AssertionError
+            raise ValueError(str(e)) from None
+        return self
+
+
+class SolverChoice(Section):
+    """One deqgen solver by name."""
+
+    name: Literal["picard", "anderson", "broyden"] = Field("anderson", description="deqgen.solvers name")
+    options: dict[str, Any] = Field(default_factory=lambda: {"tol": 1e-4, "max_iter": 30},
+                                    description="constructor options, e.g. {tol: 1e-4, max_iter: 30, m: 5}")
+
+    @field_validator("options")
+    @classmethod
+    def _buildable(cls, options: dict[str, Any], info: Any) -> dict[str, Any]:
+        name = info.data.get("name")
+        if name is not None:
+            try:
+                _solvers.get(name, **options)
+            except TypeError as e:
+                raise ValueError(str(e)) from None
+        return options
+
+
+class RegularizationSection(Section):
+    """Jacobian regularisation (Bai et al., ICML 2021) and fixed-point correction (Bai et al., CVPR 2022)."""
+
+    jac_weight: float = Field(0.0, ge=0, description="weight of the Hutchinson ||J||_F^2/D term; 0 = off")
+    jac_vecs: int = Field(1, ge=1, description="Hutchinson probes per step")
+    fp_states: int | None = Field(None, ge=1, description="trajectory states in the loss (fixed-point correction)")
+    fp_gamma: float = Field(0.8, gt=0, le=1, description="fixed-point correction decay (DEQ-Flow 0.8)")
+
+
+class DEQSection(Section):
+    """How the DEQ is solved and differentiated."""
+
+    gradient: GradientChoice = Field(default_factory=GradientChoice, description="training gradient method")
+    train_solver: SolverChoice = Field(default_factory=SolverChoice, description="forward solver in training")
+    eval_solver: SolverChoice | None = Field(None, description="solver in eval; null = train_solver")
+    regularization: RegularizationSection = Field(default_factory=RegularizationSection,
+                                                  description="Jacobian regularisation, fixed-point correction")
+
+
+def build_gradient(choice: GradientChoice) -> _gradients.GradientMethod:
+    """The gradient method object of ``choice``."""
+    return _gradients.get(choice.method, **dict(choice.options))
+
+
+def build_solvers(deq: DEQSection) -> tuple[_solvers.Solver[Any], _solvers.Solver[Any]]:
+    """``(train_solver, eval_solver)``."""
+    train = _solvers.get(deq.train_solver.name, **dict(deq.train_solver.options))
+    ev = deq.eval_solver or deq.train_solver
+    return train, _solvers.get(ev.name, **dict(ev.options))
+
+
+def regularized_loss(
+    loss: Tensor,
+    info: GradInfo | None,
+    reg: RegularizationSection,
+    state_loss: Callable[[Any], Tensor],
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, Tensor | float]]:
+    """``loss`` plus fixed-point correction over ``info.states`` and the weighted Jacobian term.
+
+    Args:
+        loss: the task loss at the equilibrium (scalar).
+        info: the layer's :class:`~deqgen.gradients.GradInfo` (None for an explicit model: nothing is added).
+        reg: the regularisation settings.
+        state_loss: the task loss of one trajectory state.
+        generator: random source of the Hutchinson probes.
+
+    Returns:
+        ``(total, metrics)``; metrics holds ``jac`` (the estimate) when the Jacobian term is on.
+    """
+    if info is None:
+        return loss, {}
+    metrics: dict[str, Tensor | float] = {}
+    if reg.fp_states is not None and info.states:
+        losses = [state_loss(s) for s in info.states[:-1]] + [loss]
+        loss = fp_correction(losses, reg.fp_gamma)
+    if reg.jac_weight > 0 and info.jacobian_step is not None:
+        jac = jac_reg(*info.jacobian_step, vecs=reg.jac_vecs, generator=generator).mean()
+        loss = loss + reg.jac_weight * jac
+        metrics["jac"] = jac.detach()
+    return loss, metrics
+
+
+def solver_metrics(info: GradInfo | None) -> dict[str, Tensor | float]:
+    """Mean forward NFE, f-rows per sample and the converged fraction of a training step's solve."""
+    if info is None or info.forward is None:
+        return {}
+    stats = info.forward.stats
+    return {"nfe": stats.nfe.float().mean(), "rows_per_sample": stats.rows_evaluated / max(1, stats.nfe.numel()),
+            "converged": stats.converged.float().mean()}
+
+
+def save_weights(directory: Path, state: dict[str, Tensor], config: dict[str, Any], role: str) -> None:
+    """``directory/model.pt`` (the weights) and ``directory/config.json`` (the recipe that built them)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, directory / "model.pt")
+    (directory / "config.json").write_text(json.dumps({"role": role, "config": config}, indent=1))
+
+
+def plot_curves(path: Path, curves: dict[str, Sequence[tuple[int, float]]], ylabel: str) -> bool:
+    """A line plot of ``name -> [(step, value)]``; False (and nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, points in curves.items():
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -26,7 +26,7 @@ from torch import Tensor
 from deqgen.solvers.base import Solver, check_int
 from deqgen.solvers.numerics import known_false
 
-__all__ = ["ARMIJO_C", "Safeguarded", "judge", "next_length", "base_point"]
+__all__ = ["ARMIJO_C", "Safeguarded", "base_point", "judge", "next_length"]
 
 ARMIJO_C = 1e-4
 """The sufficient-decrease constant ``c`` of the Armijo test (Nocedal & Wright, 2nd ed., section 3.1)."""

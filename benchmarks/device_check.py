@@ -81,12 +81,46 @@ class Plan:
 def plan_for(dry_run: bool) -> Plan:
     """The GPU plan (d30, batch 64) or the CPU dry run (tiny presets, batch 4)."""
     if dry_run:
-        return Plan(True, "cpu", "var_tiny", "viar_tiny", "vae_tiny", 4, ("constant:10", "linear:10:5", "linear:6:1"),
-                    1, (8, 4), (0, 10), 2, (2, 2, 32), "viar_tiny", "vae_tiny", 3, 4, 64,
-                    ("tests/test_attention.py",))
-    return Plan(False, "cuda", "var_d30", "viar_d30", "vae_ch160v4096z32", 64,
-                ("constant:10", "linear:10:5", "linear:6:1"), 3, (64, 48, 32, 24, 16, 12, 8, 4, 2, 1), (0, 10), 12,
-                (8, 30, 64), "viar_d16", "vae_ch160v4096z32", 20, 16, 256, ("tests",))
+        return Plan(
+            True,
+            "cpu",
+            "var_tiny",
+            "viar_tiny",
+            "vae_tiny",
+            4,
+            ("constant:10", "linear:10:5", "linear:6:1"),
+            1,
+            (8, 4),
+            (0, 10),
+            2,
+            (2, 2, 32),
+            "viar_tiny",
+            "vae_tiny",
+            3,
+            4,
+            64,
+            ("tests/test_attention.py",),
+        )
+    return Plan(
+        False,
+        "cuda",
+        "var_d30",
+        "viar_d30",
+        "vae_ch160v4096z32",
+        64,
+        ("constant:10", "linear:10:5", "linear:6:1"),
+        3,
+        (64, 48, 32, 24, 16, 12, 8, 4, 2, 1),
+        (0, 10),
+        12,
+        (8, 30, 64),
+        "viar_d16",
+        "vae_ch160v4096z32",
+        20,
+        16,
+        256,
+        ("tests",),
+    )
 
 
 def _sync(device: str) -> None:
@@ -110,11 +144,21 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-# ---- 1. the CUDA-marked tests -------------------------------------------------------------------------------
+# ---- 1. the CUDA-marked tests ------------------------------------------------------------------------------
 def gpu_tests(plan: Plan, _: str) -> dict[str, Any]:
     """``pytest -m gpu`` over the plan's targets (the dry run: one file, where the marked tests skip)."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "--benchmark-disable", "-p", "no:cacheprovider",
-           *plan.pytest_targets]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "gpu",
+        "--benchmark-disable",
+        "-p",
+        "no:cacheprovider",
+        *plan.pytest_targets,
+    ]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     tail = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-300:]
     if r.returncode not in (0, 5):  # 5: no tests collected
@@ -122,7 +166,7 @@ def gpu_tests(plan: Plan, _: str) -> dict[str, Any]:
     return {"returncode": r.returncode, "summary": tail}
 
 
-# ---- 2. attention kernels -----------------------------------------------------------------------------------
+# ---- 2. attention kernels ----------------------------------------------------------------------------------
 def attention_check(plan: Plan, _: str) -> dict[str, Any]:
     """xformers vs SDPA on the block-causal mask: max abs difference and ms per call; picks the kernel."""
     model_cfg = build_model(plan.viar, init=False).cfg if not plan.dry_run else build_model(plan.viar).cfg
@@ -139,7 +183,9 @@ def attention_check(plan: Plan, _: str) -> dict[str, Any]:
     if reason is None:
         xf = attention(q, k, v, mask=mask, backend="xformers")
         out["max_abs_diff"] = float((xf.float() - sdpa.float()).abs().max())
-        out["xformers_ms"] = 1e3 * _timed(lambda: attention(q, k, v, mask=mask, backend="xformers"), plan.device, 10)
+        out["xformers_ms"] = 1e3 * _timed(
+            lambda: attention(q, k, v, mask=mask, backend="xformers"), plan.device, 10
+        )
         faster = out["xformers_ms"] < out["sdpa_ms"]
         out["chosen"] = "xformers" if faster and out["max_abs_diff"] < 3e-2 else "sdpa"
     else:
@@ -154,7 +200,7 @@ def _block_causal(patch_nums: tuple[int, ...], device: str, dtype: torch.dtype) 
     return torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
 
 
-# ---- 3. sampling --------------------------------------------------------------------------------------------
+# ---- 3. sampling -------------------------------------------------------------------------------------------
 def _model(plan: Plan, name: str, kernel: str) -> NextScaleTransformer:
     """Random weights, built directly on the device (a d30 model does not go through host memory)."""
     with torch.device(plan.device):
@@ -182,8 +228,14 @@ def sampling(plan: Plan, kernel: str) -> dict[str, Any]:
     return {"batch": plan.batch, "rows": rows}
 
 
-def _sample_row(plan: Plan, model: NextScaleTransformer, vae: MultiScaleVQVAE, labels: torch.Tensor, name: str,
-                schedule: str) -> dict[str, Any]:
+def _sample_row(
+    plan: Plan,
+    model: NextScaleTransformer,
+    vae: MultiScaleVQVAE,
+    labels: torch.Tensor,
+    name: str,
+    schedule: str,
+) -> dict[str, Any]:
     kw = {"schedule": None if schedule == "-" else schedule, "top_k": 900, "top_p": 0.96, "seed": 0}
 
     def run() -> None:
@@ -193,11 +245,15 @@ def _sample_row(plan: Plan, model: NextScaleTransformer, vae: MultiScaleVQVAE, l
     run()  # warm-up: kernels resolved, allocator primed
     reset_peak_memory(plan.device)
     seconds = _timed(run, plan.device, plan.timed_batches)
-    return {"model": name, "schedule": schedule, "img_per_s": plan.batch / seconds,
-            "peak_gb": peak_memory_bytes(plan.device) / GIB}
+    return {
+        "model": name,
+        "schedule": schedule,
+        "img_per_s": plan.batch / seconds,
+        "peak_gb": peak_memory_bytes(plan.device) / GIB,
+    }
 
 
-# ---- 4. one training step -----------------------------------------------------------------------------------
+# ---- 4. one training step ----------------------------------------------------------------------------------
 def training(plan: Plan, kernel: str) -> dict[str, Any]:
     """Largest micro-batch that fits one step, for VAR and for VIAR at the larger ``k1``; VIAR's peak at both
     ``k1`` values on that micro-batch (``k2`` fixed)."""
@@ -209,13 +265,20 @@ def training(plan: Plan, kernel: str) -> dict[str, Any]:
 
     viar_batch, peak_high = _largest_batch(plan, viar, (high, plan.k2))
     peak_low = _train_step(plan, viar(), viar_batch, (low, plan.k2))
-    return {"var": {"micro_batch": var_batch, "peak_gb": var_peak / GIB},
-            "viar": {"micro_batch": viar_batch, "k2": plan.k2, f"peak_gb_k1_{low}": peak_low / GIB,
-                     f"peak_gb_k1_{high}": peak_high / GIB}}
+    return {
+        "var": {"micro_batch": var_batch, "peak_gb": var_peak / GIB},
+        "viar": {
+            "micro_batch": viar_batch,
+            "k2": plan.k2,
+            f"peak_gb_k1_{low}": peak_low / GIB,
+            f"peak_gb_k1_{high}": peak_high / GIB,
+        },
+    }
 
 
-def _largest_batch(plan: Plan, build: Callable[[], NextScaleTransformer],
-                   counts: tuple[int, int] | None) -> tuple[int, int]:
+def _largest_batch(
+    plan: Plan, build: Callable[[], NextScaleTransformer], counts: tuple[int, int] | None
+) -> tuple[int, int]:
     """The first micro-batch of ``plan.train_batches`` whose step fits, and its peak bytes."""
     for batch in plan.train_batches:
         try:
@@ -249,20 +312,33 @@ def _train_step(plan: Plan, model: NextScaleTransformer, batch: int, counts: tup
         _free(plan.device)
 
 
-# ---- 5. deqgen train smoke run ------------------------------------------------------------------------------
+# ---- 5. deqgen train smoke run -----------------------------------------------------------------------------
 def smoke_train(plan: Plan, kernel: str) -> dict[str, Any]:
-    """``deqgen train`` for ``plan.smoke_steps`` steps on a generated image folder, bf16, the chosen kernel."""
+    """``deqgen train`` for ``plan.smoke_steps`` steps on a generated image folder (bf16, chosen kernel)."""
     with tempfile.TemporaryDirectory(prefix="device_check_") as tmp:
         recipe = _smoke_recipe(plan, kernel, Path(tmp))
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "deqgen", "train", str(recipe)], cwd=REPO, capture_output=True,
-                           text=True, timeout=600, check=False)
+        r = subprocess.run(
+            [sys.executable, "-m", "deqgen", "train", str(recipe)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
         seconds = time.perf_counter() - t0
         if r.returncode != 0:
             raise RuntimeError(f"deqgen train exited {r.returncode}:\n{r.stderr[-3000:]}")
-        rows = [json.loads(x) for x in (Path(tmp) / "run" / "model_metrics.jsonl").read_text().splitlines() if x]
-    return {"steps": rows[-1]["step"], "seconds": seconds, "first_loss": rows[0]["loss"],
-            "last_loss": rows[-1]["loss"], "peak_mem_gb": rows[-1].get("peak_mem_gb")}
+        rows = [
+            json.loads(x) for x in (Path(tmp) / "run" / "model_metrics.jsonl").read_text().splitlines() if x
+        ]
+    return {
+        "steps": rows[-1]["step"],
+        "seconds": seconds,
+        "first_loss": rows[0]["loss"],
+        "last_loss": rows[-1]["loss"],
+        "peak_mem_gb": rows[-1].get("peak_mem_gb"),
+    }
 
 
 def _smoke_recipe(plan: Plan, kernel: str, tmp: Path) -> Path:
@@ -284,18 +360,20 @@ def _smoke_recipe(plan: Plan, kernel: str, tmp: Path) -> Path:
 model: {{preset: {plan.smoke_model}, num_classes: 2}}
 tokenizer: {{preset: {plan.smoke_vae}, checkpoint: {tok}}}
 baseline: null
-data: {{kind: imagenet_folder, root: {tmp / "data"}, image_size: {side}, resize_shorter_side: {side}, num_workers: 0}}
+data: {{kind: imagenet_folder, root: {tmp / "data"}, image_size: {side}, resize_shorter_side: {side},
+       num_workers: 0}}
 attention: {{backend: {kernel}}}
 precision: {{dtype: bf16}}
 optim: {{warmup_steps: 1}}
-training: {{global_batch_size: {plan.smoke_batch}, micro_batch_size: {plan.smoke_batch}, max_steps: {plan.smoke_steps}}}
+training: {{global_batch_size: {plan.smoke_batch}, micro_batch_size: {plan.smoke_batch},
+           max_steps: {plan.smoke_steps}}}
 logging: {{out_dir: {tmp / "run"}, log_every_n_steps: 1, progress_bar: false}}
 sampling: {{samples_per_class: 1, top_k: 0, top_p: 0.0}}
 """)
     return recipe
 
 
-# ---- report -------------------------------------------------------------------------------------------------
+# ---- report ------------------------------------------------------------------------------------------------
 def judge(results: dict[str, Any], plan: Plan) -> dict[str, str]:
     """Each goal: ``pass`` / ``FAIL`` with the measured value, or why it was not judged."""
     if plan.dry_run:
@@ -306,7 +384,9 @@ def judge(results: dict[str, Any], plan: Plan) -> dict[str, str]:
     viar = next((r for r in rows if r["model"] == plan.viar and r["schedule"] == "linear:10:5"), None)
     var = next((r for r in rows if r["model"] == plan.var), None)
     if viar is not None:
-        verdicts["viar_img_per_s"] = _verdict(viar["img_per_s"] >= GOALS["viar_img_per_s"][1], viar["img_per_s"])
+        verdicts["viar_img_per_s"] = _verdict(
+            viar["img_per_s"] >= GOALS["viar_img_per_s"][1], viar["img_per_s"]
+        )
         verdicts["viar_peak_gb"] = _verdict(viar["peak_gb"] <= GOALS["viar_peak_gb"][1], viar["peak_gb"])
         if var is not None:
             ratio = viar["img_per_s"] / var["img_per_s"]
@@ -326,8 +406,12 @@ def _verdict(ok: bool, value: float) -> str:
 def markdown(results: dict[str, Any], plan: Plan) -> str:
     """The table: goals and verdicts first, then one line per measurement."""
     verdicts = results["goals"]
-    lines = [f"# Device check ({'dry run, CPU' if plan.dry_run else results['device']})", "",
-             "| goal | verdict |", "|---|---|"]
+    lines = [
+        f"# Device check ({'dry run, CPU' if plan.dry_run else results['device']})",
+        "",
+        "| goal | verdict |",
+        "|---|---|",
+    ]
     lines += [f"| {GOALS[k][0]} | {verdicts[k]} |" for k in GOALS]
     lines += ["", "| section | measurement | value |", "|---|---|---|"]
     for section, value in results["sections"].items():
@@ -339,7 +423,9 @@ def markdown(results: dict[str, Any], plan: Plan) -> str:
 def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
     if isinstance(value, dict):
         for k, v in value.items():
-            yield from _flatten(v, f"{prefix}{k}." if not isinstance(v, (int, float, str)) else f"{prefix}{k}")
+            yield from _flatten(
+                v, f"{prefix}{k}." if not isinstance(v, (int, float, str)) else f"{prefix}{k}"
+            )
     elif isinstance(value, list) and all(isinstance(row, dict) for row in value):
         for row in value:
             label = " ".join(str(row[k]) for k in ("model", "schedule") if k in row)
@@ -352,7 +438,10 @@ def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
 
 
 SECTIONS: dict[str, Callable[[Plan, str], dict[str, Any]]] = {
-    "gpu_tests": gpu_tests, "attention": attention_check, "sampling": sampling, "training": training,
+    "gpu_tests": gpu_tests,
+    "attention": attention_check,
+    "sampling": sampling,
+    "training": training,
     "smoke_train": smoke_train,
 }
 
@@ -368,12 +457,20 @@ def run(plan: Plan, only: list[str] | None = None) -> dict[str, Any]:
         try:
             sections[name] = fn(plan, kernel)
         except Exception as err:  # noqa: BLE001  (record it: one broken section must not hide the others)
-            sections[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-2000:]}
+            sections[name] = {
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc()[-2000:],
+            }
         sections[name]["seconds"] = round(time.perf_counter() - t0, 2)
         print(f"{name}: {sections[name]['seconds']} s", file=sys.stderr)
         kernel = sections.get("attention", {}).get("chosen", kernel)
-    results = {"dry_run": plan.dry_run, "device": _device_name(plan), "torch": torch.__version__,
-               "kernel": kernel, "sections": sections}
+    results = {
+        "dry_run": plan.dry_run,
+        "device": _device_name(plan),
+        "torch": torch.__version__,
+        "kernel": kernel,
+        "sections": sections,
+    }
     results["goals"] = judge(results, plan)
     return results
 
@@ -386,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the check; returns 1 when a section failed (goals missed do not change the exit code)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: the same code paths in < 1 min")
-    ap.add_argument("--out", type=Path, default=Path("runs/device_check"), help="folder for the JSON and table")
+    ap.add_argument(
+        "--out", type=Path, default=Path("runs/device_check"), help="folder for the JSON and table"
+    )
     ap.add_argument("--only", nargs="+", choices=list(SECTIONS), help="run only these sections")
     args = ap.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():

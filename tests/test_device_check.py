@@ -29,8 +29,13 @@ def _load() -> ModuleType:
 
 @pytest.mark.slow
 def test_dry_run_passes_and_writes_json_and_table(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path)], capture_output=True,
-                       text=True, timeout=180, check=False)
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((tmp_path / "device_check.json").read_text())
     assert set(results["sections"]) == {"gpu_tests", "attention", "sampling", "training", "smoke_train"}
@@ -49,10 +54,16 @@ def test_model_sections_in_process() -> None:
     assert sections["attention"]["chosen"] == "sdpa"  # xformers never runs on a CPU
     rows = sections["sampling"]["rows"]
     assert [(r["model"], r["schedule"]) for r in rows] == [
-        ("var_tiny", "-"), *[("viar_tiny", s) for s in ("constant:10", "linear:10:5", "linear:6:1")]]
+        ("var_tiny", "-"),
+        *[("viar_tiny", s) for s in ("constant:10", "linear:10:5", "linear:6:1")],
+    ]
     assert all(r["img_per_s"] > 0 and r["peak_gb"] > 0 for r in rows)
     viar = sections["training"]["viar"]
-    assert viar["micro_batch"] == plan.train_batches[0] and viar["peak_gb_k1_0"] > 0 and viar["peak_gb_k1_10"] > 0
+    assert (
+        viar["micro_batch"] == plan.train_batches[0]
+        and viar["peak_gb_k1_0"] > 0
+        and viar["peak_gb_k1_10"] > 0
+    )
 
 
 def test_goals_are_judged_from_the_measurements() -> None:
@@ -61,15 +72,28 @@ def test_goals_are_judged_from_the_measurements() -> None:
     plan = dc.plan_for(dry_run=False)
 
     def results(viar_ips: float, var_ips: float, peak: float, k1_0: float, k1_10: float) -> dict:
-        return {"sections": {
-            "sampling": {"rows": [{"model": "var_d30", "schedule": "-", "img_per_s": var_ips, "peak_gb": 9.0},
-                                  {"model": "viar_d30", "schedule": "linear:10:5", "img_per_s": viar_ips,
-                                   "peak_gb": peak}]},
-            "training": {"viar": {"peak_gb_k1_0": k1_0, "peak_gb_k1_10": k1_10}}}}
+        return {
+            "sections": {
+                "sampling": {
+                    "rows": [
+                        {"model": "var_d30", "schedule": "-", "img_per_s": var_ips, "peak_gb": 9.0},
+                        {
+                            "model": "viar_d30",
+                            "schedule": "linear:10:5",
+                            "img_per_s": viar_ips,
+                            "peak_gb": peak,
+                        },
+                    ]
+                },
+                "training": {"viar": {"peak_gb_k1_0": k1_0, "peak_gb_k1_10": k1_10}},
+            }
+        }
 
     good = dc.judge(results(180.0, 60.0, 7.5, 40.0, 40.1), plan)
     assert all(v.startswith("pass") for v in good.values()), good
     bad = dc.judge(results(160.0, 80.0, 8.5, 40.0, 44.0), plan)
     assert all(v.startswith("FAIL") for v in bad.values()), bad
     assert dc.judge({"sections": {}}, plan)["viar_img_per_s"] == "not measured (section failed)"
-    assert set(dc.judge({"sections": {}}, dc.plan_for(dry_run=True)).values()) == {"not judged (dry run on CPU)"}
+    assert set(dc.judge({"sections": {}}, dc.plan_for(dry_run=True)).values()) == {
+        "not judged (dry run on CPU)"
+    }

@@ -22,7 +22,9 @@ class _Spy(nn.Linear):
 
 
 def _cfg(compile: bool, dtype: str) -> TrainConfig:
-    return TrainConfig.model_validate({"training": {"compile": compile, "max_steps": 2}, "precision": {"dtype": dtype}})
+    return TrainConfig.model_validate(
+        {"training": {"compile": compile, "max_steps": 2}, "precision": {"dtype": dtype}}
+    )
 
 
 @pytest.mark.parametrize(("dtype", "expected"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])

@@ -56,8 +56,9 @@ def _count_all_gathers() -> Iterator[list[str]]:
 
 def _tiny_viar(k1: int, k2: int) -> torch.nn.Module:
     spec = ImplicitSpec(pre_depth=1, post_depth=1, train_no_grad=(k1, k1), train_with_grad=(k2, k2))
-    return build_model(preset("viar_tiny", implicit=spec, cond_drop_prob=0.0),
-                       generator=torch.Generator().manual_seed(0))
+    return build_model(
+        preset("viar_tiny", implicit=spec, cond_drop_prob=0.0), generator=torch.Generator().manual_seed(0)
+    )
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -83,7 +84,9 @@ def _gathers_per_step(wrapping: str, k1: int, k2: int) -> int:
     counts = []
     for _ in range(2):
         with _count_all_gathers() as calls:
-            logits, stats = model(labels, feats, generator=g, shared_generator=torch.Generator().manual_seed(0))
+            logits, stats = model(
+                labels, feats, generator=g, shared_generator=torch.Generator().manual_seed(0)
+            )
             logits.float().square().mean().backward()
         assert (stats.no_grad_steps, stats.grad_steps) == (k1, k2)
         counts.append(len(calls))
@@ -122,7 +125,8 @@ def test_default_wrapping_gathers_per_iteration(gather_counts: dict[tuple[str, i
 
 
 def test_per_solve_saves_the_iterations(gather_counts: dict[tuple[str, int], int]) -> None:
-    """At 2 iterations the default wrapping gathers the block 2 + 1 times, per-solve 1 + 1 (forward + backward)."""
+    """At 2 iterations the default wrapping gathers the block 2 + 1 times (forward + backward), per-solve
+    1 + 1."""
     assert gather_counts[("default", 2)] - gather_counts[("per_solve", 2)] == 1
 
 

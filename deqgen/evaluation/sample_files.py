@@ -350,6 +350,7 @@ def score_samples(
     reference: str | Path | None = None,
     inception_weights: str | Path | None = None,
     classifier: str | Path | None = None,
+    cuda: bool = False,
 ) -> dict[str, float]:
     """Metrics of a sample file written by :func:`merge_samples`.
 
@@ -361,6 +362,7 @@ def score_samples(
         classifier: a :class:`~deqgen.evaluation.digits_classifier.DigitsClassifier` file; with it: class
             accuracy of the samples against their labels, and with ``reference`` the Fréchet distance in the
             classifier's feature space (``feature_fid``).
+        cuda: run the Inception feature extractor on the GPU.
 
     Returns:
         ``{metric name: value}`` (empty without metric inputs).
@@ -371,7 +373,7 @@ def score_samples(
 
         both = reference is not None
         metrics.update(compute_fidelity_metrics(samples, reference, feature_extractor_weights_path=inception_weights,
-                                                isc=True, fid=both, prc=both))
+                                                isc=True, fid=both, prc=both, cuda=cuda))
     if classifier is not None:
         from deqgen.evaluation.digits_classifier import DigitsClassifier, class_accuracy
         from deqgen.evaluation.frechet import fid_from_features

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -55,7 +54,4 @@ def fixed_point(
         ([2.0, 2.0, 2.0], [0, 0, 0, 0])
     """
     problem = FixedPointProblem(f, z0, x=x, indexed=indexed, separable=separable)  # type: ignore[arg-type]
-    sol = run(problem, solver if solver is not None else Picard(), trace=trace, throw=throw)
-    if problem.structure is None:
-        return sol
-    return dataclasses.replace(sol, z=problem.unpack(sol.z))
+    return run(problem, solver if solver is not None else Picard(), trace=trace, throw=throw)

@@ -778,3 +778,22 @@ def test_solver_doctests(module: str, has_examples: bool) -> None:
     assert result.failed == 0
     if has_examples:
         assert result.attempted > 0
+
+
+@pytest.mark.parametrize("cls", SOLVERS, ids=IDS)
+def test_run_returns_the_structure_of_z0(cls) -> None:
+    # a dict state {"a": (B, 2) float64, "b": (B, 3, 1) float32}: run() hands back the same keys, shapes and
+    # dtypes, each leaf at the fixed point of its own linear map (a = 0.5 a + 1 -> 2, b = 0.25 b + 3 -> 4)
+    z0 = {"a": torch.zeros(4, 2, dtype=F64), "b": torch.zeros(4, 3, 1)}
+
+    def f(z):
+        return {"a": 0.5 * z["a"] + 1.0, "b": 0.25 * z["b"] + 3.0}
+
+    sol = solvers.run(FixedPointProblem(f, z0), cls(tol=1e-10, max_iter=200))
+    assert isinstance(sol.z, dict) and set(sol.z) == {"a", "b"}
+    assert sol.z["a"].shape == (4, 2) and sol.z["a"].dtype == F64
+    assert sol.z["b"].shape == (4, 3, 1) and sol.z["b"].dtype == torch.float32
+    assert torch.allclose(sol.z["a"], torch.full((4, 2), 2.0, dtype=F64), atol=1e-8)
+    assert torch.allclose(sol.z["b"], torch.full((4, 3, 1), 4.0), atol=1e-5)
+    same = fixed_point(f, z0, cls(tol=1e-10, max_iter=200))  # fixed_point returns the same structure
+    assert torch.equal(same.z["a"], sol.z["a"]) and torch.equal(same.z["b"], sol.z["b"])

@@ -156,11 +156,12 @@ def run(
         throw: raise :class:`~deqgen.stats.SolverError` when a sample ends with status MAX_ITER or NON_FINITE.
 
     Returns:
-        A :class:`~deqgen.stats.Solution` with ``z: (B, *S)`` in ``z0``'s dtype and per-sample stats. With a
-        tolerance, a converged sample returns the iterate that met the stop rule; any other sample returns its
-        best iterate: with ``stop_mode="abs"`` the one with the lowest absolute residual; with
-        ``stop_mode="rel"`` the one with the lowest relative residual among those whose absolute residual is
-        no larger than the start's. Either way it is never worse than ``z0`` in the absolute residual.
+        A :class:`~deqgen.stats.Solution` with ``z: (B, *S)`` in ``z0``'s dtype (for a structured problem, the
+        structure of the original ``z0``, see :meth:`~deqgen.problem.FixedPointProblem.unpack`) and per-sample
+        stats. With a tolerance, a converged sample returns the iterate that met the stop rule; any other sample
+        returns its best iterate: with ``stop_mode="abs"`` the one with the lowest absolute residual; with
+        ``stop_mode="rel"`` the one with the lowest relative residual among those whose absolute residual is no
+        larger than the start's. Either way it is never worse than ``z0`` in the absolute residual.
 
     The loop runs under ``torch.no_grad()``: gradients are the business of deqgen's gradient methods.
     """
@@ -285,8 +286,8 @@ class _Loop:
             self.traces.append(_trace_row(res_abs, res_rel, live, orig, self.B))
 
     def solution(self, out: _Outputs, iterations: int) -> Solution:
-        z = out.z.reshape(self.problem.z0.shape).to(self.problem.z0.dtype)
-        return Solution(z=z, stats=out.stats(iterations, self.rows_evaluated, self.traces))
+        z = self.problem.unpack(out.z.reshape(self.problem.z0.shape).to(self.problem.z0.dtype))
+        return Solution(z=z, stats=out.stats(iterations, self.rows_evaluated, self.traces))  # type: ignore[arg-type]
 
     def run_budget(self) -> Solution:
         """Exactly ``max_iter`` evaluations and steps, no host sync; non-finite rows are frozen."""

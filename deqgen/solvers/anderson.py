@@ -167,8 +167,8 @@ class Anderson(Safeguarded[AndersonState]):
 
     def _coefficients(self, s: AndersonState, H: Tensor, valid: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         """``gamma: (B, m)`` from the ridge-regularised least squares on the trace-normalised Gram matrix
-        (scale-free), per sample, by float64 Cholesky without host sync; unused slots get a unit diagonal and a
-        zero right-hand side. A sample whose system is ill-conditioned (or fails) drops all but its newest
+        (scale-free), per sample, by float64 Cholesky without host sync; unused slots get a unit diagonal
+        and a zero right-hand side. A sample whose system is ill-conditioned (or fails) drops all but its newest
         difference, whose one-term fit is exact. Returns ``(gamma, valid)``."""
         vf = valid.double()
         tr = torch.diagonal(H, dim1=-2, dim2=-1).sum(-1, keepdim=True).clamp_min(_TINY)  # (B, 1)

@@ -164,7 +164,8 @@ class Broyden(Safeguarded[BroydenState]):
 
 
 def _rank_one(dx: Tensor, dg: Tensor, Jdg: Tensor, v: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
-    """The good-Broyden factor ``u = (dx - M dg) / (v . dg)``, ``(B, D)``, and ``ok: (B,)``: the trial was finite and ``|v . dg| > 1e-12 ||v|| ||dg||`` (a guarded division)."""
+    """The good-Broyden factor ``u = (dx - M dg) / (v . dg)``, ``(B, D)``, and ``ok: (B,)``: the trial was
+    finite and ``|v . dg| > 1e-12 ||v|| ||dg||`` (a guarded division)."""
     denom = (v * dg).sum(-1)
     scale = torch.linalg.vector_norm(v, dim=-1) * torch.linalg.vector_norm(dg, dim=-1)
     ok = (denom.abs() > 1e-12 * scale) & torch.isfinite(denom) & finite

@@ -13,9 +13,13 @@ Layout of one checkpoint (``directory/ckpt_{step:08d}/``):
 Atomicity: every rank writes into ``directory/.ckpt_{step:08d}.tmp``; after a barrier rank 0 writes the
 manifest and renames the directory to its final name, so a final-named directory was complete when it
 appeared; the manifest then detects later damage (truncation, bit rot). Older checkpoints beyond
-``keep_last`` are deleted only after the new one is in place. ``load("auto")`` takes the newest checkpoint
-that verifies, logging and skipping damaged ones; an explicit damaged path raises :class:`CheckpointError`
-naming the file. Everything is read back with ``torch.load(weights_only=True)`` or safetensors.
+``keep_last`` are deleted only after the new one is in place, and only verified ones count: a damaged
+checkpoint is moved aside as ``ckpt_*.corrupt`` (never loaded, never deleted), so the newest verified
+checkpoint always survives. ``load("auto")`` takes the newest checkpoint that verifies, logging and setting
+aside damaged ones; an explicit damaged path raises :class:`CheckpointError` naming the file (and is left
+where it is). A failed write (disk full: "no space left on device") raises :class:`CheckpointWriteError`
+after removing the partial save; the previous checkpoints stay.
+Everything is read back with ``torch.load(weights_only=True)`` or safetensors.
 
 All ranks must see ``directory`` (one node, or a shared filesystem) and call :meth:`CheckpointManager.save`
 together. For FSDP2 (or any wrapper) gather full state dicts first with :func:`gather_full_state` (every
@@ -24,6 +28,7 @@ rank calls it) and restore with :func:`scatter_full_state`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -52,6 +57,7 @@ __all__ = [
     "CheckpointConfigMismatch",
     "CheckpointError",
     "CheckpointManager",
+    "CheckpointWriteError",
     "ConfigCheck",
     "capture_rng_state",
     "gather_full_state",
@@ -72,6 +78,10 @@ _TEMP = re.compile(r"^\.ckpt_(\d{8})\.(tmp|old)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or corrupt; the message names the file."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Saving a checkpoint failed (e.g. no space left on device); the previous checkpoints are kept."""
 
 
 class CheckpointConfigMismatch(ValueError):
@@ -199,6 +209,21 @@ def _torch_save(obj: Any, path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _write_failure(e: BaseException, tmp: Path) -> str:
+    """What went wrong while writing into ``tmp``, in words (disk full is named as such)."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"no space left on device while writing into {tmp}"
+    text = str(e)
+    if "unexpected pos" in text or "write failed" in text:  # torch.save's wording for a short write
+        try:
+            free = shutil.disk_usage(tmp.parent).free
+        except OSError:
+            free = -1
+        return (f"no space left on device while writing into {tmp}? ({free} bytes free; torch said: "
+                f"{text.strip().splitlines()[-1][:200]})")
+    return f"cannot write {tmp}: {type(e).__name__}: {text[:300]}"
+
+
 def _step_of(path: Path) -> int:
     m = _FINAL.match(path.name)
     if m is None:
@@ -243,6 +268,7 @@ class CheckpointManager:
         self.config = config
         self.check = check
         self.verify_hash = verify_hash
+        self._verified: set[Path] = set()  # checkpoints this process wrote or verified
 
     # -- saving --------------------------------------------------------------------------------------------------
     def save(
@@ -271,15 +297,37 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         barrier()
-        if self.dist.is_main:
-            self._write_main_files(tmp, step, model_state, train_state)
-        _torch_save(capture_rng_state(generators), tmp / f"rng_rank{self.dist.rank}.pt")
-        barrier()
+        failure = None
+        try:
+            if self.dist.is_main:
+                self._write_main_files(tmp, step, model_state, train_state)
+            _torch_save(capture_rng_state(generators), tmp / f"rng_rank{self.dist.rank}.pt")
+        except (OSError, RuntimeError, SafetensorError) as e:
+            failure = _write_failure(e, tmp)
+        self._raise_if_any_failed(failure, tmp)
         if self.dist.is_main:
             self._finish(tmp, final, step)
+            self._verified.add(final)
             self.prune()
         barrier()
         return final
+
+    def _raise_if_any_failed(self, failure: str | None, tmp: Path) -> None:
+        """Share every rank's write failure (a barrier too); on any, drop the partial save and raise."""
+        failures = [failure]
+        if self.dist.is_distributed and tdist.is_available() and tdist.is_initialized():
+            failures = [None] * self.dist.world_size
+            tdist.all_gather_object(failures, failure)
+        found = [f if len(failures) == 1 else f"rank {r}: {f}"
+                 for r, f in enumerate(failures) if f is not None]
+        if not found:
+            return
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = self.complete_checkpoints()
+        previous = f"the previous checkpoint {kept[-1]} is kept" if kept else "there is no earlier one"
+        raise CheckpointWriteError(f"saving checkpoint {tmp.name} failed: {'; '.join(found)}; {previous}. "
+                                   "Free space (or fix the file system) and resume with --resume auto")
 
     def _write_main_files(
         self, tmp: Path, step: int, model_state: Mapping[str, Tensor], train_state: Mapping[str, Any]
@@ -315,16 +363,42 @@ class CheckpointManager:
         logger.info("saved checkpoint %s", final)
 
     def prune(self) -> None:
-        """Delete complete checkpoints beyond the newest ``keep_last`` and leftovers of interrupted saves."""
-        complete = self.complete_checkpoints()
-        newest = _step_of(complete[-1]) if complete else -1
-        for path in complete[: -self.keep_last]:
+        """Delete verified checkpoints beyond the newest ``keep_last`` verified ones, and leftovers of
+        interrupted saves. A damaged checkpoint is moved aside (``ckpt_*.corrupt``), never counted as kept;
+        the newest verified checkpoint is never deleted."""
+        verified = [p for p in self.complete_checkpoints() if self._check_or_set_aside(p)]
+        newest = _step_of(verified[-1]) if verified else -1
+        for path in verified[: -self.keep_last]:
             shutil.rmtree(path, ignore_errors=True)
+            self._verified.discard(path)
             logger.info("deleted old checkpoint %s (keep_last=%d)", path, self.keep_last)
         for path in self.directory.iterdir() if self.directory.is_dir() else ():
             m = _TEMP.match(path.name)
             if m is not None and int(m.group(1)) < newest:
                 shutil.rmtree(path, ignore_errors=True)
+
+    def _check_or_set_aside(self, path: Path) -> bool:
+        """True when ``path`` verifies (checked once per process); else move it aside as ``*.corrupt``."""
+        if path in self._verified:
+            return True
+        try:
+            self.verify(path)
+        except CheckpointError as e:
+            self.set_aside(path, str(e))
+            return False
+        self._verified.add(path)
+        return True
+
+    def set_aside(self, path: Path, reason: str) -> Path:
+        """Rename the damaged checkpoint ``path`` to ``ckpt_*.corrupt`` (kept, never loaded again)."""
+        target = path.with_name(path.name + ".corrupt")
+        n = 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.name}.corrupt{n}")
+        os.replace(path, target)
+        logger.warning("moved damaged checkpoint aside to %s (%s)", target, reason)
+        return target
 
     # -- finding and verifying -----------------------------------------------------------------------------------
     def complete_checkpoints(self) -> list[Path]:
@@ -373,14 +447,18 @@ class CheckpointManager:
         if self.verify_hash and _sha256(file) != meta["sha256"]:
             raise CheckpointError(f"checkpoint file {file} does not match its sha256 in the manifest (corrupt)")
 
-    def latest_complete(self) -> Path | None:
-        """The newest checkpoint that verifies; damaged newer ones are logged and skipped."""
+    def latest_complete(self, *, set_aside: bool = False) -> Path | None:
+        """The newest checkpoint that verifies; damaged newer ones are logged and skipped (and moved aside
+        as ``ckpt_*.corrupt`` when ``set_aside``)."""
         for path in reversed(self.complete_checkpoints()):
             try:
                 self.verify(path)
             except CheckpointError as e:
                 logger.warning("skipping damaged checkpoint: %s; falling back to the previous one", e)
+                if set_aside:
+                    self.set_aside(path, "damaged")
                 continue
+            self._verified.add(path)
             return path
         for leftover in sorted(self.directory.glob(".ckpt_*.tmp")) if self.directory.is_dir() else ():
             logger.warning("ignoring %s: a save that never finished", leftover)
@@ -419,7 +497,7 @@ class CheckpointManager:
 
     def _choose(self, which: str | os.PathLike[str]) -> str | None:
         if str(which) == "auto":
-            found = self.latest_complete()
+            found = self.latest_complete(set_aside=True)
             return None if found is None else str(found)
         self.verify(which)
         return str(which)

@@ -132,13 +132,15 @@ def fit(
     parameters = sum(p.numel() for p in model.parameters())
     logger.info("%s (%s): %s parameters", role.role, role.name, f"{parameters:,}")
     dataset = task.dataset()
+    check_batch_fits(cfg, len(dataset))
     sampler = DistributedBatchSampler(len(dataset), cfg.training.micro_batch_size, rank=dist.rank,
                                       world_size=dist.world_size, seed=cfg.training.seed + index)
     length = plan_length(cfg, dist, len(sampler), len(dataset))
     state = build_state(task, cfg, dist, model, index)
     checkpoints = CheckpointManager(out / "checkpoints" / role.role, cfg.checkpoint.keep_last, dist, config=cfg,
                                     check=check, verify_hash=cfg.checkpoint.verify_hash)
-    resume(state, checkpoints.load(resume_for(cfg, role.role)), dist, out / f"{role.role}_metrics.jsonl")
+    metrics_file = out / f"{role.role}_metrics.jsonl"
+    resume(state, checkpoints.load(resume_for(cfg, role.role)), dist, metrics_file)
     lr_at, wd_at = build_schedules(cfg.optim, cfg.training.global_batch_size, length.total, length.warmup)
     t_start = time.perf_counter()
     metrics = make_metric_logger(cfg.logging, dist, out, prefix=f"{role.role}_")
@@ -150,8 +152,7 @@ def fit(
             run_epoch(loop, state)
     seconds = time.perf_counter() - t_start
     export_dir = _export(task, role, state, dist, out, seconds)
-    return TrainResult(role, state.step, parameters, export_dir, read_losses(out / f"{role.role}_metrics.jsonl"),
-                       seconds)
+    return TrainResult(role, state.step, parameters, export_dir, read_losses(metrics_file), seconds)
 
 
 def plan_length(cfg: TrainConfig, dist: DistInfo, batches_per_epoch: int, num_samples: int) -> RunLength:
@@ -163,13 +164,30 @@ def plan_length(cfg: TrainConfig, dist: DistInfo, batches_per_epoch: int, num_sa
     accum = cfg.grad_accum_steps(dist.world_size)
     steps_per_epoch = batches_per_epoch // accum
     if steps_per_epoch < 1:
-        raise ValueError(f"training.global_batch_size={cfg.training.global_batch_size} is larger than the "
-                         f"{num_samples} training samples: lower it")
+        raise ValueError(_batch_too_large(cfg, num_samples))
     total, warmup = cfg.total_steps(steps_per_epoch), cfg.warmup_steps(steps_per_epoch)
     if warmup >= total:
         raise ValueError(f"optim.warmup_steps/warmup_epochs give {warmup} warmup steps, not fewer than the run's "
                          f"{total} optimizer steps ({steps_per_epoch} per epoch): shorten the warmup")
     return RunLength(accum, steps_per_epoch, total, warmup)
+
+
+def check_batch_fits(cfg: TrainConfig, num_samples: int) -> None:
+    """Raise before any step when one optimizer step needs more samples than the training set has.
+
+    Raises:
+        ValueError: names ``training.global_batch_size`` and ``training.micro_batch_size``.
+    """
+    if cfg.training.global_batch_size > num_samples:
+        raise ValueError(_batch_too_large(cfg, num_samples))
+
+
+def _batch_too_large(cfg: TrainConfig, num_samples: int) -> str:
+    t = cfg.training
+    return (f"training.global_batch_size={t.global_batch_size} "
+            f"(training.micro_batch_size={t.micro_batch_size} per rank and micro-batch) is larger than the "
+            f"{num_samples} training samples: lower "
+            "training.global_batch_size (and training.micro_batch_size with it), or train on more data")
 
 
 def build_state(task: Task, cfg: TrainConfig, dist: DistInfo, model: nn.Module, index: int) -> TrainState:
@@ -190,9 +208,15 @@ def build_state(task: Task, cfg: TrainConfig, dist: DistInfo, model: nn.Module, 
 
 
 def resume(state: TrainState, ckpt: Checkpoint | None, dist: DistInfo, metrics_file: Path) -> None:
-    """Load a checkpoint into ``state`` (nothing when ``ckpt`` is None); drop the metric lines logged after it."""
-    if ckpt is None:
-        return
+    """Load a checkpoint into ``state`` (nothing when ``ckpt`` is None); drop the metric lines logged
+    after it (all of them when starting from nothing), so the log holds every step once."""
+    if ckpt is not None:
+        _load_checkpoint(state, ckpt)
+    if dist.is_main:
+        truncate_metrics(metrics_file, state.step)
+
+
+def _load_checkpoint(state: TrainState, ckpt: Checkpoint) -> None:
     scatter_full_state(state.wrapped, ckpt.model_state, state.optimizer, ckpt.train_state["optimizer"])
     if ckpt.train_state.get("scaler"):
         state.scaler.load_state_dict(ckpt.train_state["scaler"])
@@ -200,8 +224,6 @@ def resume(state: TrainState, ckpt: Checkpoint | None, dist: DistInfo, metrics_f
     state.position = int(ckpt.train_state["position"])
     if ckpt.rng_state is not None:
         restore_rng_state(ckpt.rng_state, _generators(state))
-    if dist.is_main:
-        truncate_metrics(metrics_file, state.step)
 
 
 def resume_for(cfg: TrainConfig, role: str) -> str:
@@ -391,10 +413,18 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Drop lines an interrupted run logged after the checkpoint we resume from (they are recomputed)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = [line for line in path.read_text().splitlines() if line.strip() and _step_of_row(line) <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
+
+
+def _step_of_row(line: str) -> float:
+    """The step of one metrics line; a line cut short by a kill counts as after every step (dropped)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def read_losses(path: Path) -> list[tuple[int, float]]:

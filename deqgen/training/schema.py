@@ -259,6 +259,10 @@ def _run_errors(cfg: TrainConfig, world_size: int, device: str | None) -> list[I
     if cfg.optim.warmup_epochs is not None and cfg.optim.warmup_steps is not None:
         out.append(config_error("optim.warmup_epochs", cfg.optim.warmup_epochs,
                                 "set warmup_epochs or warmup_steps, not both"))
+    warmup_epochs = cfg.optim.warmup_epochs
+    if t.epochs is not None and warmup_epochs is not None and warmup_epochs >= t.epochs:
+        out.append(config_error("optim.warmup_epochs", cfg.optim.warmup_epochs,
+                                f"must be below training.epochs = {t.epochs}"))
     if t.max_steps is not None and cfg.optim.warmup_steps is not None and cfg.optim.warmup_steps >= t.max_steps:
         out.append(config_error("optim.warmup_steps", cfg.optim.warmup_steps,
                                 f"must be below training.max_steps = {t.max_steps}"))
@@ -274,6 +278,23 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads ``1e-4`` (no dot) as a float, as YAML 1.2 does."""
 
 
+def _construct_unique_mapping(
+    loader: _Loader, node: yaml.MappingNode, deep: bool = False
+) -> dict[Any, Any]:
+    """A mapping whose keys must be unique: YAML would silently keep the last of two equal keys."""
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+        if key in seen:
+            first = seen[key].start_mark.line + 1
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {first}); keep one of them",
+                key_node.start_mark)
+        seen[key] = key_node
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),

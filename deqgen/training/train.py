@@ -13,6 +13,7 @@ each of the task's models with :func:`deqgen.training.engine.fit`, and lets rank
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -21,8 +22,9 @@ from deqgen.training import tasks
 from deqgen.training.checkpoint import CheckpointManager
 from deqgen.training.config import check_config_compatible
 from deqgen.training.distributed import DistInfo, barrier, init_distributed, seed_everything, seed_for_rank, teardown
-from deqgen.training.engine import fit
+from deqgen.training.engine import check_batch_fits, fit
 from deqgen.training.metrics import setup_logging
+from deqgen.training.rundir import open_run_dir
 from deqgen.training.schema import TrainConfig, config_to_yaml
 from deqgen.training.task import TrainResult
 
@@ -31,20 +33,30 @@ __all__ = ["main", "run"]
 logger = logging.getLogger(__name__)
 
 
-def main(cfg: TrainConfig) -> int:
-    """The ``deqgen train`` entry point: run the recipe in this process (one of several under torchrun)."""
+def main(cfg: TrainConfig, *, overwrite: bool = False) -> int:
+    """The ``deqgen train`` entry point: run the recipe in this process (one of several under torchrun).
+
+    Args:
+        cfg: the validated recipe.
+        overwrite: clear a previous run in ``logging.out_dir`` first (``--overwrite``).
+    """
     dist = init_distributed(cfg.distributed.backend, timeout_minutes=cfg.distributed.timeout_minutes)
     try:
-        run(cfg, dist)
+        run(cfg, dist, overwrite=overwrite)
     finally:
         teardown()
     return 0
 
 
-def run(cfg: TrainConfig, dist: DistInfo | None = None) -> list[TrainResult]:
+def run(cfg: TrainConfig, dist: DistInfo | None = None, *, overwrite: bool = False) -> list[TrainResult]:
     """Train every model of the recipe's task; returns one :class:`TrainResult` per model.
 
+    The run directory is checked and locked first (:func:`deqgen.training.rundir.open_run_dir`): nothing is
+    written when it is busy, holds another run (without ``overwrite`` or a resume) or a different model.
+
     Raises:
+        deqgen.training.rundir.RunDirError: ``logging.out_dir`` is a file, not writable, in use by another
+            run, or not empty while neither resumed nor ``overwrite``.
         deqgen.training.checkpoint.CheckpointError: ``checkpoint.resume`` names a missing or damaged
             checkpoint (checked before anything is written).
         deqgen.training.checkpoint.CheckpointConfigMismatch: the checkpoint was trained with another model.
@@ -53,15 +65,18 @@ def run(cfg: TrainConfig, dist: DistInfo | None = None) -> list[TrainResult]:
     dist = dist or DistInfo()
     out = Path(cfg.logging.out_dir)
     verify_explicit_resume(cfg, dist)
-    start_run_dir(cfg, dist, out)
-    setup_logging(dist, cfg.logging.level, out / "train.log")
-    seed_everything(seed_for_rank(cfg.training.seed, dist.rank))
-    set_matmul_precision(cfg, dist)
-    task = tasks.get(cfg.task).setup(cfg, dist, out)
-    results = [fit(task, cfg, dist, out, role, i, check_config_compatible) for i, role in enumerate(task.roles())]
-    if dist.is_main:
-        task.summarize(results)
-    barrier()
+    with open_run_dir(cfg, dist, check_config_compatible, overwrite=overwrite):
+        write_config(cfg, dist, out)
+        setup_logging(dist, cfg.logging.level, out / "train.log")
+        seed_everything(seed_for_rank(cfg.training.seed, dist.rank))
+        set_matmul_precision(cfg, dist)
+        task = tasks.get(cfg.task).setup(cfg, dist, out)
+        check_batch_fits(cfg, len(task.dataset()))  # before any model trains
+        results = [fit(task, cfg, dist, out, role, i, check_config_compatible)
+                   for i, role in enumerate(task.roles())]
+        if dist.is_main:
+            task.summarize(results)
+        barrier()
     return results
 
 
@@ -72,11 +87,12 @@ def verify_explicit_resume(cfg: TrainConfig, dist: DistInfo) -> None:
         CheckpointManager(Path(resume).parent, dist=dist, verify_hash=cfg.checkpoint.verify_hash).verify(resume)
 
 
-def start_run_dir(cfg: TrainConfig, dist: DistInfo, out: Path) -> None:
-    """Rank 0 creates the run directory and writes the validated config as ``config.yaml``."""
+def write_config(cfg: TrainConfig, dist: DistInfo, out: Path) -> None:
+    """Rank 0 writes the validated config as ``config.yaml`` (atomically: a kill leaves old or new)."""
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_to_yaml(cfg))
+        tmp = out / "config.yaml.tmp"
+        tmp.write_text(config_to_yaml(cfg))
+        os.replace(tmp, out / "config.yaml")
     barrier()
 
 

@@ -138,8 +138,10 @@ def test_truncated_newest_falls_back_and_explicit_path_raises(
         ckpt = mgr.load("auto")
     assert ckpt is not None and ckpt.step == 1
     assert "skipping damaged checkpoint" in caplog.text and str(newest) in caplog.text
-    with pytest.raises(CheckpointError, match=str(newest).replace(".", r"\.") + ".*truncated"):
-        mgr.load(tmp_path / "ckpt_00000002")
+    aside = tmp_path / "ckpt_00000002.corrupt"  # moved aside: never loaded by auto again, never deleted
+    assert aside.is_dir() and not (tmp_path / "ckpt_00000002").exists()
+    with pytest.raises(CheckpointError, match=str(aside / MODEL_FILE).replace(".", r"\.") + ".*truncated"):
+        mgr.load(aside)
 
 
 def test_corrupt_bytes_missing_manifest_and_bad_header(tmp_path: Path) -> None:

@@ -286,8 +286,8 @@ def test_unknown_tokenizer_preset_lists_presets() -> None:
 def test_cli_dispatches_a_valid_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     seen: dict[str, Any] = {}
 
-    def fake_main(cfg: TrainConfig) -> int:
-        seen.update(cfg=cfg)
+    def fake_main(cfg: TrainConfig, *, overwrite: bool = False) -> int:
+        seen.update(cfg=cfg, overwrite=overwrite)
         return 0
 
     monkeypatch.setitem(sys.modules, "deqgen.training.train", types.SimpleNamespace(main=fake_main))
@@ -295,6 +295,7 @@ def test_cli_dispatches_a_valid_config(monkeypatch: pytest.MonkeyPatch, tmp_path
                "--set", f"logging.out_dir={tmp_path / 'run'}"])
     assert rc == 0
     assert seen["cfg"].training.max_steps == 5 and seen["cfg"].checkpoint.resume == "none"
+    assert seen["overwrite"] is False
 
 
 def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -310,7 +311,8 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cli_resume_path_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     seen: dict[str, Any] = {}
-    monkeypatch.setitem(sys.modules, "deqgen.training.train", types.SimpleNamespace(main=lambda c: seen.update(c=c)))
+    fake = types.SimpleNamespace(main=lambda c, **kw: seen.update(c=c))
+    monkeypatch.setitem(sys.modules, "deqgen.training.train", fake)
     assert main(["train", str(MNIST), "--resume", str(tmp_path / "missing: dir")]) == 2
     assert "checkpoint.resume" in capsys.readouterr().err
     ckpt = tmp_path / "ckpt: 1"

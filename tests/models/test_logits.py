@@ -304,3 +304,14 @@ def test_seed_derivation_is_a_pure_function_of_seed_and_index() -> None:
 
 
 PINNED_SEED_0_0 = 8668861027912758289
+
+
+def test_cpu_passes_of_a_few_rows_give_the_single_pass_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    import deqgen.models.viar.logits as L
+
+    logits = torch.randn(7, 9, 33, generator=torch.Generator().manual_seed(6))
+    whole = sample_tokens(logits, top_k=10, top_p=0.9, generators=per_sample_generators(1, 7))
+    for pass_elements in (1, 9 * 33 * 2, 9 * 33 * 3):  # 1, 2 and 3 rows per pass
+        monkeypatch.setattr(L, "_CPU_PASS_ELEMENTS", pass_elements)
+        again = sample_tokens(logits, top_k=10, top_p=0.9, generators=per_sample_generators(1, 7))
+        assert torch.equal(again, whole)

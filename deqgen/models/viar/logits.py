@@ -193,7 +193,9 @@ def sample_tokens(
 
     The whole batch is filtered (:func:`top_k_top_p_filter`), turned into probabilities (softmax) and
     sampled by inverting its cumulative distribution in a fixed number of batched operations; the only
-    per-row work is one draw of ``n`` uniforms from ``generators[b]`` (:func:`row_uniforms`). Token ``v`` is
+    per-row work is one draw of ``n`` uniforms from ``generators[b]`` (:func:`row_uniforms`). (On the CPU,
+    large scales are processed a few rows per pass so the working set stays in cache; the result is the
+    same.) Token ``v`` is
     drawn for ``u = U * cdf[-1]`` with ``cdf[v - 1] <= u < cdf[v]``, which has probability ``p_v`` (up to
     the rounding of the sampling dtype) and never picks a token of zero probability, so filtered tokens are
     never drawn. Every batched operation works along the vocabulary of one row, so a row's tokens depend
@@ -226,10 +228,30 @@ def sample_tokens(
         raise ValueError(f"need one generator per sample: {B} rows, {len(gens)} generators")
     wide = sampling_dtype(logits.device)
     u_Bn1 = row_uniforms(gens, n, device=logits.device, dtype=wide)
+    rows = _rows_per_pass(B, n * V, logits.device)
+    parts = [_draw(logits[i : i + rows], u_Bn1[i : i + rows], top_k, top_p, wide) for i in range(0, B, rows)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+#: On the CPU, rows are processed in passes of at most this many logits (2 MiB in float64) so each pass stays
+#: in cache: one pass over B=16, n=256, V=4096 took 1.35x the CPU time of row-by-row passes (sort, softmax and
+#: cumsum stream the whole tensor). Accelerators take the whole batch in one pass.
+_CPU_PASS_ELEMENTS = 2**18
+
+
+def _rows_per_pass(B: int, row_elements: int, device: torch.device) -> int:
+    if device.type != "cpu":
+        return max(B, 1)
+    return max(1, min(B, _CPU_PASS_ELEMENTS // max(row_elements, 1)))
+
+
+def _draw(logits: Tensor, u_Bn1: Tensor, top_k: int, top_p: float, wide: torch.dtype) -> Tensor:
+    """Inverse-CDF draws for ``(B, n, V)`` logits with uniforms ``(B, n, 1)``; each row independently."""
+    V = logits.shape[-1]
     probs_BnV = top_k_top_p_filter(logits, top_k, top_p).to(wide).softmax(dim=-1)
     cdf_BnV = probs_BnV.cumsum(dim=-1)
     total_Bn1 = cdf_BnV[..., -1:]
-    if not bool(((total_Bn1 > 0) & torch.isfinite(total_Bn1)).all()):  # the one host sync per call
+    if not bool(((total_Bn1 > 0) & torch.isfinite(total_Bn1)).all()):  # one host sync per pass
         raise ValueError(
             "a row of logits has no token of positive finite probability (NaN or all -inf logits?)"
         )

@@ -18,6 +18,7 @@ nothing is written then. ``train`` validates the whole recipe before it creates 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -32,10 +33,87 @@ __all__ = ["main"]
 
 
 def _load_pair(model_dir: str, vqvae_dir: str):  # type: ignore[no-untyped-def]
+    """The model and the tokenizer, each checked to be what its argument says (swapped folders are named).
+
+    Raises:
+        TypeError: ``model_dir`` is not a VAR/VIAR model or ``vqvae_dir`` not a tokenizer.
+    """
     from deqgen.models.viar.convert import load_converted
+    from deqgen.models.viar.model import NextScaleTransformer
+    from deqgen.models.viar.vqvae import MultiScaleVQVAE
 
     model, vae = load_converted(model_dir), load_converted(vqvae_dir)
+    if isinstance(model, MultiScaleVQVAE) and isinstance(vae, NextScaleTransformer):
+        raise TypeError(f"MODEL {model_dir} holds a tokenizer and --vqvae {vqvae_dir} a model: swap them")
+    if not isinstance(model, NextScaleTransformer):
+        raise TypeError(f"MODEL {model_dir} holds a {type(model).__name__}, not a VAR/VIAR model "
+                        "(deqgen convert)")
+    if not isinstance(vae, MultiScaleVQVAE):
+        raise TypeError(f"--vqvae {vqvae_dir} holds a {type(vae).__name__}, not a tokenizer "
+                        "(deqgen convert)")
     return model.eval(), vae.eval()
+
+
+def _check_classes(flag: str, classes: list[int], num_classes: int) -> None:
+    """Class ids must be real classes: ``num_classes`` itself is the null class used for guidance."""
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"{flag} {bad[0]}: the model has classes 0..{num_classes - 1} ({num_classes} is the "
+                         "null class used for guidance, not a class to sample)")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def _check_image(path: Path) -> None:
+    """Raise unless ``path`` is an image file Pillow can read (before any model is loaded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--image {path}: no such file")
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"--image {path} is not an image Pillow can read ({e}); give a PNG or JPEG") \
+            from None
+
+
+def _check_out_png(out: Path) -> None:
+    """``--out`` must name a file in an existing folder, not a folder."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name such as {out / 'grid.png'}")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: the folder {out.parent} does not exist; create it first")
 
 
 def _read_image(path: Path, side: int, channels: int) -> Tensor:
@@ -48,16 +126,79 @@ def _read_image(path: Path, side: int, channels: int) -> Tensor:
     return t.float()[None] / 127.5 - 1
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _device_args(p: argparse.ArgumentParser, *, batch_size: int | None) -> None:
+    """``--device`` and ``--dtype`` (and ``--batch-size`` when ``batch_size`` gives its default)."""
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default="fp32", choices=list(_DTYPES),
+                   help="autocast dtype of the forward passes (default fp32: no autocast)")
+    if batch_size is not None:
+        p.add_argument("--batch-size", type=_positive_int, default=batch_size,
+                       help=f"samples per batch (default {batch_size}); images do not depend on it")
+
+
+def _resolve_device(name: str | None) -> torch.device:
+    """``--device``, checked: a CUDA device needs CUDA here.
+
+    Raises:
+        ValueError: an unparsable device name, or CUDA asked for without CUDA.
+    """
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def _autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast to ``--dtype`` on ``device`` (a no-op for fp32)."""
+    return torch.autocast(device.type, dtype=_DTYPES[dtype], enabled=dtype != "fp32")
+
+
+def _compile_for_sampling(model: Any, device: torch.device, dtype: str) -> None:
+    """``--compile``: resolve the attention kernels for the dtype the blocks see, then compile the per-scale
+    forward that :func:`~deqgen.models.viar.sampling.generate` calls."""
+    model.prepare_attention(device, _DTYPES[dtype])
+    model.forward_scale = torch.compile(model.forward_scale)
+
+
+def _generate_in_batches(model: Any, vae: Any, labels: Tensor, batch_size: int, seed: int,
+                         edit_image: Tensor | None, edit_mask: Tensor | None, **kw: Any) -> Tensor:
+    """Images ``(N, C, H, W)`` on the CPU, sampled ``batch_size`` at a time on the model's device.
+
+    Sample ``i`` draws from its own generator seeded by ``(seed, i)`` (``sample_offset``), so an image does
+    not depend on the batch size.
+    """
+    from deqgen.models.viar.sampling import EditSpec, generate
+
+    device = next(model.parameters()).device
+    images = []
+    for start in range(0, labels.shape[0], batch_size):
+        rows = slice(start, start + batch_size)
+        edit = None if edit_image is None or edit_mask is None else EditSpec(edit_image[rows], edit_mask)
+        res = generate(model, vae, labels[rows].to(device), seed=seed, sample_offset=start, edit=edit, **kw)
+        images.append(res.images.float().cpu())
+    return torch.cat(images)
+
+
 def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="converted model directory (deqgen convert)")
     p.add_argument("--vqvae", required=True, help="converted tokenizer directory")
     p.add_argument("--schedule", default=None, help="e.g. constant:10, linear:10:5:floor, adaptive:1e-3:10")
     p.add_argument("--solver", default=None, choices=["picard", "anderson", "broyden"])
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale")
-    p.add_argument("--top-k", type=int, default=900)
-    p.add_argument("--top-p", type=float, default=0.96)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-scale", "--cfg", type=_non_negative_float, default=1.5,
+                   help="classifier-free guidance scale (>= 0)")
+    p.add_argument("--top-k", type=_non_negative_int, default=900, help="0 = off")
+    p.add_argument("--top-p", type=_probability, default=0.96, help="in [0, 1]; 0 = off")
+    p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--out", type=Path, required=True, help="PNG path")
+    _device_args(p, batch_size=16)
 
 
 def _train_args(p: argparse.ArgumentParser, resume: bool = True) -> None:
@@ -68,6 +209,9 @@ def _train_args(p: argparse.ArgumentParser, resume: bool = True) -> None:
     if resume:
         p.add_argument("--resume", metavar="auto|none|PATH",
                        help="sets checkpoint.resume: the newest complete checkpoint, none, or a checkpoint directory")
+        p.add_argument("--overwrite", action="store_true",
+                       help="clear a previous run in logging.out_dir first (otherwise a non-empty run "
+                            "directory is only resumed)")
 
 
 def _load_recipe(args: argparse.Namespace) -> Any:
@@ -118,12 +262,16 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _load_recipe(args)
     if cfg is None:
         return 2
-    from deqgen.training.checkpoint import CheckpointConfigMismatch, CheckpointError
+    from deqgen.training.checkpoint import CheckpointConfigMismatch, CheckpointError, CheckpointWriteError
+    from deqgen.training.rundir import RunDirError
     from deqgen.training.train import main as train_main
 
     try:
-        return int(train_main(cfg) or 0)
-    except (CheckpointError, CheckpointConfigMismatch) as err:
+        return int(train_main(cfg, overwrite=args.overwrite) or 0)
+    except CheckpointWriteError as err:  # the run failed while running (disk full): not a usage error
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (CheckpointError, CheckpointConfigMismatch, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -167,22 +315,26 @@ def _demo(args: argparse.Namespace) -> int:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="converted model directory (deqgen convert)")
     p.add_argument("--vqvae", required=True, help="converted tokenizer directory")
-    p.add_argument("--per-class", type=int, required=True, help="samples per class (ImageNet protocol: 50)")
+    p.add_argument("--per-class", type=_positive_int, required=True,
+                   help="samples per class (ImageNet protocol: 50)")
     p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (default: all of the model's)")
     p.add_argument("--out", type=Path, required=True, help="ADM sample file (.npz); shards go to OUT_shards/")
     p.add_argument("--schedule", default=None, help="VIAR per-scale iterations, e.g. constant:10, linear:10:5")
     p.add_argument("--cache", default="iteration", choices=["iteration", "lean"], help="VIAR's implicit KV cache")
     p.add_argument("--warm-start", action="store_true", help="start each scale from the previous equilibrium")
-    p.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale")
-    p.add_argument("--top-k", type=int, default=900)
-    p.add_argument("--top-p", type=float, default=0.96)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=50, help="samples per batch and per shard (fixed for a resume)")
+    p.add_argument("--cfg-scale", "--cfg", type=_non_negative_float, default=1.5,
+                   help="classifier-free guidance scale (>= 0)")
+    p.add_argument("--top-k", type=_non_negative_int, default=900, help="0 = off")
+    p.add_argument("--top-p", type=_probability, default=0.96, help="in [0, 1]; 0 = off")
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=50,
+                   help="samples per batch and per shard (fixed for a resume)")
     p.add_argument("--reference", type=Path, default=None, help="ADM .npz of real images (FID, feature-FID)")
     p.add_argument("--inception-weights", type=Path, default=None,
                    help="local weights-inception-2015-12-05-6726825d.pth (FID/IS/P-R; never downloaded)")
     p.add_argument("--classifier", type=Path, default=None,
                    help="digits classifier .safetensors (class accuracy, feature-FID vs --reference)")
+    _device_args(p, batch_size=None)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -191,8 +343,6 @@ def _eval(args: argparse.Namespace) -> int:
 
     from deqgen.evaluation import sample_files as sf
     from deqgen.models.viar.convert import CheckpointError
-    from deqgen.models.viar.model import NextScaleTransformer
-    from deqgen.models.viar.vqvae import MultiScaleVQVAE
     from deqgen.training.distributed import barrier, init_distributed, teardown
 
     out: Path = args.out
@@ -201,28 +351,30 @@ def _eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--out {out} must end in .npz (the ADM evaluator's format)")
         sf.check_metric_inputs(reference=args.reference, inception_weights=args.inception_weights,
                                classifier=args.classifier)
+        device = _resolve_device(args.device)
         model, vae = _load_pair(args.model, args.vqvae)
-        if not isinstance(model, NextScaleTransformer) or not isinstance(vae, MultiScaleVQVAE):
-            raise TypeError(f"{args.model} must hold a VAR/VIAR model and --vqvae {args.vqvae} a tokenizer")
         classes = tuple(args.classes) if args.classes else tuple(range(model.num_classes))
-        if max(classes) >= model.num_classes or min(classes) < 0:
-            raise ValueError(f"--classes {list(classes)}: the model has classes 0..{model.num_classes - 1}")
+        _check_classes("--classes", list(classes), model.num_classes)
         spec = sf.SampleSpec(classes, args.per_class, args.schedule, args.cfg_scale, args.top_k, args.top_p, args.seed,
                              args.batch_size, args.cache, args.warm_start)
         shards = sf.shard_dir_for(out)
         identity = {"model": sf.checkpoint_identity(args.model), "vqvae": sf.checkpoint_identity(args.vqvae)}
+        if args.dtype != "fp32":  # autocast gives other bytes: no resume across dtypes (fp32 runs as before)
+            identity["dtype"] = args.dtype
         sf.check_resume(shards, spec, identity)
     except (CheckpointError, ValueError, TypeError, KeyError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     info = init_distributed()
+    device = info.device if args.device is None else device  # torchrun: each rank its own GPU
     code = 0
     try:
-        model.to(info.device)
-        vae.to(info.device)
+        model.to(device)
+        vae.to(device)
         try:
-            sf.sample_shards(model, vae, spec, shards, rank=info.rank, world_size=info.world_size,
-                             device=info.device, identity=identity, progress=info.is_main)
+            with _autocast(device, args.dtype):
+                sf.sample_shards(model, vae, spec, shards, rank=info.rank, world_size=info.world_size,
+                                 device=device, identity=identity, progress=info.is_main)
         except (ValueError, KeyError, OSError) as err:
             print(f"error: rank {info.rank}: {err}", file=sys.stderr)
             code = 2
@@ -231,7 +383,7 @@ def _eval(args: argparse.Namespace) -> int:
             try:
                 sf.merge_samples(shards, out, spec)
                 metrics = sf.score_samples(out, reference=args.reference, inception_weights=args.inception_weights,
-                                           classifier=args.classifier)
+                                           classifier=args.classifier, cuda=device.type == "cuda")
                 record = {"samples": str(out), "num_samples": spec.total, "spec": spec.to_json(),
                           "model": str(args.model), "vqvae": str(args.vqvae), "world_size": info.world_size,
                           "reference": None if args.reference is None else str(args.reference),
@@ -276,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     pt = sub.add_parser("pretokenize", help="encode a recipe's training images once into token pyramids")
     _train_args(pt, resume=False)
     pt.add_argument("--out", type=Path, required=True, help="the folder to write (then set data.pretokenized)")
-    pt.add_argument("--batch-size", type=int, default=256, help="images per encoder batch")
+    pt.add_argument("--batch-size", type=_positive_int, default=256, help="images per encoder batch")
     c = sub.add_parser("convert", help="official VAR / VIAR / VQVAE .pth -> deqgen safetensors + config.json")
     c.add_argument("src")
     c.add_argument("dst")
@@ -285,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("sample", help="sample a labelled PNG grid")
     _sample_args(s)
     s.add_argument("--classes", type=int, nargs="+", required=True)
-    s.add_argument("--per-class", type=int, default=4)
+    s.add_argument("--per-class", type=_positive_int, default=4)
+    s.add_argument("--compile", action="store_true", help="torch.compile the per-scale forward (for GPUs)")
     e = sub.add_parser("edit", help="in-paint (or out-paint) a box of an image, optionally with a new class")
     _sample_args(e)
     e.add_argument("--image", type=Path, required=True)
@@ -293,14 +446,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="pixel box in the model's image size")
     e.add_argument("--outpaint", action="store_true", help="regenerate outside the box instead of inside")
     e.add_argument("--class", dest="label", type=int, required=True)
-    e.add_argument("--samples", type=int, default=4)
+    e.add_argument("--samples", type=_positive_int, default=4)
     _eval_args(sub.add_parser("eval", help="class-major ADM sample file (.npz), sharded over torchrun ranks, "
                                            "resumable; optional FID/IS or digits metrics"))
     r = sub.add_parser("report", help="report.md + plots for a `deqgen demo` run: VIAR vs VAR")
     r.add_argument("run_dir", type=Path, help="the demo's output folder (e.g. runs/digits)")
     r.add_argument("--out", type=Path, default=None, help="report folder (default RUN_DIR/report)")
     r.add_argument("--quick", action="store_true", help="small sample counts and sweeps (tests, a first look)")
-    r.add_argument("--threads", type=int, default=1,
+    r.add_argument("--threads", type=_positive_int, default=1,
                    help="torch threads while sampling (default 1: steadier timings on a shared machine)")
     try:
         args = ap.parse_args(argv)
@@ -327,17 +480,27 @@ def main(argv: list[str] | None = None) -> int:
             out = convert_checkpoint(args.src, args.dst, kind=args.kind, patch_nums=pn)
             print(f"wrote {out}")
             return 0
-        from deqgen.models.viar.sampling import EditSpec, generate
         from deqgen.training.tasks.generation.config import build_solver
 
+        device = _resolve_device(args.device)
+        _check_out_png(args.out)
+        if args.cmd == "edit":
+            _check_image(args.image)
         model, vae = _load_pair(args.model, args.vqvae)
+        labels = args.classes if args.cmd == "sample" else [args.label]
+        _check_classes("--classes" if args.cmd == "sample" else "--class", labels, model.num_classes)
+        model.to(device)
+        vae.to(device)
+        if getattr(args, "compile", False):
+            _compile_for_sampling(model, device, args.dtype)
         solver = build_solver(args.solver) if args.solver else None
-        kw = dict(schedule=args.schedule, cfg=args.cfg_scale, top_k=args.top_k, top_p=args.top_p, solver=solver,
-                  generator=torch.Generator().manual_seed(args.seed))
+        kw = {"schedule": args.schedule, "cfg": args.cfg_scale, "top_k": args.top_k, "top_p": args.top_p,
+              "solver": solver, "batch_size": args.batch_size, "seed": args.seed}
         if args.cmd == "sample":
             labels = torch.tensor(args.classes).repeat_interleave(args.per_class)
-            res = generate(model, vae, labels, **kw)  # type: ignore[arg-type]
-            save_grid(args.out, res.images, nrow=args.per_class)
+            with _autocast(device, args.dtype):
+                images = _generate_in_batches(model, vae, labels, edit_image=None, edit_mask=None, **kw)
+            save_grid(args.out, images, nrow=args.per_class)
         else:
             side, ch = vae.config.image_size, vae.config.in_channels
             x0, y0, x1, y1 = args.box
@@ -346,12 +509,15 @@ def main(argv: list[str] | None = None) -> int:
             img = _read_image(args.image, side, ch).expand(args.samples, -1, -1, -1)
             mask = torch.zeros(side, side, dtype=torch.bool)
             mask[y0:y1, x0:x1] = True
-            res = generate(model, vae, torch.full((args.samples,), args.label),
-                           edit=EditSpec(img, ~mask if args.outpaint else mask), **kw)  # type: ignore[arg-type]
-            save_grid(args.out, torch.cat([(img[:1] + 1) / 2, res.images]), nrow=args.samples + 1)
+            with _autocast(device, args.dtype):
+                region = ~mask if args.outpaint else mask
+                images = _generate_in_batches(model, vae, torch.full((args.samples,), args.label),
+                                              edit_image=img, edit_mask=region, **kw)
+            save_grid(args.out, torch.cat([(img[:1] + 1) / 2, images]), nrow=args.samples + 1)
         print(f"wrote {args.out}")
         return 0
-    except (CheckpointError, ValueError, TypeError, KeyError, FileNotFoundError) as err:
+    except (CheckpointError, ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError,
+            NotADirectoryError, IsADirectoryError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -131,12 +131,12 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _device_args(p: argparse.ArgumentParser, *, batch_size: int | None) -> None:
     """``--device`` and ``--dtype`` (and ``--batch-size`` when ``batch_size`` gives its default)."""
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; None: cuda when available")
     p.add_argument("--dtype", default="fp32", choices=list(_DTYPES),
-                   help="autocast dtype of the forward passes (default fp32: no autocast)")
+                   help="autocast dtype of the forward passes (fp32: no autocast)")
     if batch_size is not None:
         p.add_argument("--batch-size", type=_positive_int, default=batch_size,
-                       help=f"samples per batch (default {batch_size}); images do not depend on it")
+                       help="samples per batch; images do not depend on it")
 
 
 def _resolve_device(name: str | None) -> torch.device:
@@ -190,13 +190,17 @@ def _generate_in_batches(model: Any, vae: Any, labels: Tensor, batch_size: int, 
 def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="converted model directory (deqgen convert)")
     p.add_argument("--vqvae", required=True, help="converted tokenizer directory")
-    p.add_argument("--schedule", default=None, help="e.g. constant:10, linear:10:5:floor, adaptive:1e-3:10")
-    p.add_argument("--solver", default=None, choices=["picard", "anderson", "broyden"])
+    p.add_argument("--schedule", default=None,
+                   help="VIAR per-scale iterations, e.g. constant:10, linear:10:5:floor, adaptive:1e-3:10; "
+                        "None: the model's eval_iterations at every scale")
+    p.add_argument("--solver", default=None, choices=["picard", "anderson", "broyden"],
+                   help="VIAR's fixed-point solver; None: the model's eval solver")
     p.add_argument("--cfg-scale", "--cfg", type=_non_negative_float, default=1.5,
                    help="classifier-free guidance scale (>= 0)")
     p.add_argument("--top-k", type=_non_negative_int, default=900, help="0 = off")
     p.add_argument("--top-p", type=_probability, default=0.96, help="in [0, 1]; 0 = off")
-    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="sample i draws from its own stream of (seed, i)")
     p.add_argument("--out", type=Path, required=True, help="PNG path")
     _device_args(p, batch_size=16)
 
@@ -418,10 +422,27 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 success, 2 usage/config/checkpoint errors)."""
+def _convert(src: str, dst: str, *, kind: Any, patch_nums: tuple[int, ...] | None, slim: bool) -> Path:
+    """``deqgen convert``; with ``slim`` the training checkpoint is first slimmed into a temporary file."""
+    import tempfile
+
+    from deqgen.models.viar.convert import convert_checkpoint, slim_checkpoint
+
+    if not slim:
+        return convert_checkpoint(src, dst, kind=kind, patch_nums=patch_nums)
+    with tempfile.TemporaryDirectory(prefix="deqgen-slim-") as tmp:
+        slim_pth = slim_checkpoint(src, Path(tmp) / "slim.pth")
+        return convert_checkpoint(slim_pth, dst, kind=kind, patch_nums=patch_nums)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``deqgen`` argument parser (``sample``, ``edit`` and ``convert`` show every default in ``--help``)."""
+    from deqgen import __version__
+
     ap = argparse.ArgumentParser(prog="deqgen", description="deqgen command line")
+    ap.add_argument("--version", action="version", version=f"deqgen {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    shown = argparse.ArgumentDefaultsHelpFormatter
     _train_args(sub.add_parser("train", help="train a recipe YAML: tokenizer (if asked), model, baseline; resumable"))
     _demo_args(sub.add_parser("demo", help="the CPU digits job: deqgen train a digits recipe, then score its "
                                            "samples with a classifier trained on held-out digits"))
@@ -429,24 +450,32 @@ def main(argv: list[str] | None = None) -> int:
     _train_args(pt, resume=False)
     pt.add_argument("--out", type=Path, required=True, help="the folder to write (then set data.pretokenized)")
     pt.add_argument("--batch-size", type=_positive_int, default=256, help="images per encoder batch")
-    c = sub.add_parser("convert", help="official VAR / VIAR / VQVAE .pth -> deqgen safetensors + config.json")
-    c.add_argument("src")
-    c.add_argument("dst")
-    c.add_argument("--kind", default="auto", choices=["auto", "var", "viar", "vqvae"])
-    c.add_argument("--patch-nums", type=int, nargs="+", default=None)
-    s = sub.add_parser("sample", help="sample a labelled PNG grid")
+    c = sub.add_parser("convert", help="official VAR / VIAR / VQVAE .pth -> deqgen safetensors + config.json",
+                       formatter_class=shown)
+    c.add_argument("src", help="the official .pth (vae_ch160v4096z32.pth, var_d30.pth, viar.pth, ...)")
+    c.add_argument("dst", help="the output directory: model.safetensors, config.json, README.md")
+    c.add_argument("--kind", default="auto", choices=["auto", "var", "viar", "vqvae"],
+                   help="auto reads the kind from the keys; any other value only checks it")
+    c.add_argument("--patch-nums", type=int, nargs="+", default=None,
+                   help="token pyramid side per scale; None means the 256-px 1 2 3 4 5 6 8 10 13 16")
+    c.add_argument("--slim", action="store_true",
+                   help="SRC is an official training checkpoint (ar-ckpt-*.pth): read it with an allow-list of the "
+                        "official argument classes and convert only the model's weights")
+    s = sub.add_parser("sample", help="sample a labelled PNG grid", formatter_class=shown)
     _sample_args(s)
-    s.add_argument("--classes", type=int, nargs="+", required=True)
-    s.add_argument("--per-class", type=_positive_int, default=4)
+    s.add_argument("--classes", type=int, nargs="+", required=True, help="class ids, one grid row each")
+    s.add_argument("--per-class", type=_positive_int, default=4, help="samples per class (grid columns)")
     s.add_argument("--compile", action="store_true", help="torch.compile the per-scale forward (for GPUs)")
-    e = sub.add_parser("edit", help="in-paint (or out-paint) a box of an image, optionally with a new class")
+    e = sub.add_parser("edit", help="in-paint (or out-paint) a box of an image, optionally with a new class",
+                       formatter_class=shown)
     _sample_args(e)
-    e.add_argument("--image", type=Path, required=True)
+    e.add_argument("--image", type=Path, required=True,
+                   help="the image to edit (PNG/JPEG; resized to the model)")
     e.add_argument("--box", type=int, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), required=True,
                    help="pixel box in the model's image size")
     e.add_argument("--outpaint", action="store_true", help="regenerate outside the box instead of inside")
-    e.add_argument("--class", dest="label", type=int, required=True)
-    e.add_argument("--samples", type=_positive_int, default=4)
+    e.add_argument("--class", dest="label", type=int, required=True, help="class of the regenerated region")
+    e.add_argument("--samples", type=_positive_int, default=4, help="edits drawn (the grid shows the input first)")
     _eval_args(sub.add_parser("eval", help="class-major ADM sample file (.npz), sharded over torchrun ranks, "
                                            "resumable; optional FID/IS or digits metrics"))
     r = sub.add_parser("report", help="report.md + plots for a `deqgen demo` run: VIAR vs VAR")
@@ -455,6 +484,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--quick", action="store_true", help="small sample counts and sweeps (tests, a first look)")
     r.add_argument("--threads", type=_positive_int, default=1,
                    help="torch threads while sampling (default 1: steadier timings on a shared machine)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 success, 2 usage/config/checkpoint errors)."""
+    ap = build_parser()
     try:
         args = ap.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2), already printed by argparse
@@ -472,12 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "report":
         return _report(args)
 
-    from deqgen.models.viar.convert import CheckpointError, convert_checkpoint
+    from deqgen.models.viar.convert import CheckpointError
 
     try:
         if args.cmd == "convert":
             pn = tuple(args.patch_nums) if args.patch_nums else None
-            out = convert_checkpoint(args.src, args.dst, kind=args.kind, patch_nums=pn)
+            out = _convert(args.src, args.dst, kind=args.kind, patch_nums=pn, slim=args.slim)
             print(f"wrote {out}")
             return 0
         from deqgen.training.tasks.generation.config import build_solver

@@ -322,7 +322,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class", type=_positive_int, required=True,
                    help="samples per class (ImageNet protocol: 50)")
     p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (default: all of the model's)")
-    p.add_argument("--out", type=Path, required=True, help="ADM sample file (.npz); shards go to OUT_shards/")
+    p.add_argument("--out", type=Path, required=True, help="ADM sample file (.npz); shards go next to it (samples.npz: samples_shards/)")
     p.add_argument("--schedule", default=None, help="VIAR per-scale iterations, e.g. constant:10, linear:10:5")
     p.add_argument("--cache", default="iteration", choices=["iteration", "lean"], help="VIAR's implicit KV cache")
     p.add_argument("--warm-start", action="store_true", help="start each scale from the previous equilibrium")

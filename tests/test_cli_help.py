@@ -77,3 +77,20 @@ def test_convert_slim_reads_an_official_training_checkpoint(tmp_path: Path, monk
     assert set(got) == set(m.state_dict())
     assert all(torch.equal(got[k], v) for k, v in m.state_dict().items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ar-ckpt-last.pth", "out"]  # no slim file left behind
+
+
+def test_eval_names_the_cli_flag_for_missing_inception_weights(tiny_viar_dirs: tuple[Path, Path], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "s.npz"
+    rc = main(["eval", str(tiny_viar_dirs[0]), "--vqvae", str(tiny_viar_dirs[1]), "--per-class", "1",
+               "--out", str(out), "--inception-weights", str(tmp_path / "missing.pth")])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert "--inception-weights /path/to/weights-inception" in err and "feature_extractor_weights_path" not in err
+
+
+def test_eval_out_help_names_the_shard_folder_the_code_uses() -> None:
+    from deqgen.evaluation.sample_files import shard_dir_for
+
+    help_text = " ".join(_subparser("eval").format_help().split())
+    assert shard_dir_for("samples.npz").name == "samples_shards" and "samples.npz: samples_shards/" in help_text

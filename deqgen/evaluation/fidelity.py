@@ -53,11 +53,14 @@ INCEPTION_WEIGHTS_URL = (
 ImageSet = str | Path | np.ndarray | Tensor
 
 
-def resolve_inception_weights(feature_extractor_weights_path: str | Path | None) -> Path:
+def resolve_inception_weights(
+    feature_extractor_weights_path: str | Path | None, *, argument: str = "feature_extractor_weights_path="
+) -> Path:
     """Check that the Inception-v3 weights file is on disk; never downloads.
 
     Args:
         feature_extractor_weights_path: path to ``weights-inception-2015-12-05-6726825d.pth`` (or ``None``).
+        argument: how the caller's user passes the path, named in the error (the CLI: ``"--inception-weights "``).
 
     Returns:
         The path, resolved.
@@ -69,7 +72,7 @@ def resolve_inception_weights(feature_extractor_weights_path: str | Path | None)
     how = (
         f"deqgen never downloads weights: fetch {INCEPTION_WEIGHTS_FILENAME} on a machine with internet "
         f"({INCEPTION_WEIGHTS_URL}), copy it to this machine, and pass "
-        f"feature_extractor_weights_path='/path/to/{INCEPTION_WEIGHTS_FILENAME}'"
+        f"{argument}/path/to/{INCEPTION_WEIGHTS_FILENAME}"
     )
     if feature_extractor_weights_path is None:
         raise FileNotFoundError(f"FID/IS need the Inception-v3 weights file {INCEPTION_WEIGHTS_FILENAME}; {how}")

@@ -332,7 +332,7 @@ def check_metric_inputs(
         raise ValueError("--reference alone computes nothing; add --inception-weights (FID/IS/P-R) or "
                          "--classifier (digits: class accuracy and feature-FID)")
     if inception_weights is not None:
-        resolve_inception_weights(inception_weights)
+        resolve_inception_weights(inception_weights, argument="--inception-weights ")
         import importlib.util
 
         if importlib.util.find_spec("torch_fidelity") is None:

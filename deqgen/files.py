@@ -31,10 +31,19 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["atomic_dir", "atomic_file", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "atomic_dir",
+    "atomic_file",
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "move_dir_into_place",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +105,9 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     For writers that want a file name (``safetensors.torch.save_file``, ``numpy.savez``, ``PIL`` ``save``
     with an explicit ``format``, ``torch.save``). The temp file already exists (empty, with the umask's
-    permissions); write to it by name. On an exception it is removed and ``path`` is untouched.
+    permissions); write to it by name. A writer that replaces the file instead of writing into it (as
+    safetensors does) is fine: the umask's permissions are restored before the rename. On an exception the
+    temp file is removed and ``path`` is untouched.
 
     Args:
         path: the final file. Its parent directories are created.
@@ -112,14 +123,52 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise IsADirectoryError(f"cannot write the file {target}: a directory of that name exists")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_temp_file(target)
+    mode = stat.S_IMODE(tmp.stat().st_mode)
     try:
         yield tmp
+        _restore_mode(tmp, mode)
         _fsync_path(tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_path(target.parent, directory=True)
+
+
+def _restore_mode(tmp: Path, mode: int) -> None:
+    """Give ``tmp`` back the umask's ``mode`` when the writer replaced it with a file of its own.
+
+    ``safetensors.torch.save_file`` writes a private temp file and renames it onto the name it is given,
+    so the file it leaves is ``0600`` whatever the umask.
+    """
+    if stat.S_IMODE(tmp.stat().st_mode) != mode:
+        os.chmod(tmp, mode)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """Yield a binary file handle whose content becomes ``path`` on a clean exit (see :func:`atomic_file`).
+
+    For writers that take an open file (``numpy.savez``, ``torch.save``, ``zipfile.ZipFile``, ``json.dump``
+    via a text wrapper). The handle is closed, synced and renamed onto ``path`` when the block ends; on an
+    exception ``path`` is untouched and no temp file is left.
+
+    Args:
+        path: the final file. Its parent directories are created.
+
+    Yields:
+        The open temp file (``"wb"``).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "blob.bin"
+        >>> with atomic_open(p) as fh:
+        ...     _ = fh.write(b"abc")
+        >>> p.read_bytes()
+        b'abc'
+    """
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        yield fh
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -132,7 +181,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_open(path) as fh:
         fh.write(data)
     return Path(path)
 
@@ -177,13 +226,40 @@ def atomic_dir(path: str | os.PathLike[str], *, replace: bool = False) -> Iterat
     tmp = _new_temp_dir(target)
     try:
         yield tmp
-        _fsync_tree(tmp)
-        _check_dir_target(target, replace)  # the caller's work took time; look again before replacing
-        _swap_in(tmp, target)
+        # move_dir_into_place looks at the target again: the caller's work took time
+        move_dir_into_place(tmp, target, replace=replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def move_dir_into_place(
+    finished: str | os.PathLike[str], path: str | os.PathLike[str], *, replace: bool = False
+) -> Path:
+    """Sync every file under the finished directory ``finished`` and rename it onto ``path``.
+
+    For writers that build a directory under a fixed name of their own so that an interrupted write can be
+    resumed (where :func:`atomic_dir`'s fresh temp directory would not do). ``finished`` must be on the
+    same filesystem as ``path``; make it with ``mkdir`` (not ``tempfile.mkdtemp``) so it has the umask's
+    permissions. An existing ``path`` is handled as in :func:`atomic_dir`.
+
+    Args:
+        finished: the complete directory to publish.
+        path: its final name.
+        replace: allow replacing an existing directory at ``path``.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``replace`` is False, or it exists and is not a directory.
+    """
+    src, target = Path(finished), Path(path)
+    _check_dir_target(target, replace)
+    _fsync_tree(src)
+    _swap_in(src, target)
     _fsync_path(target.parent, directory=True)
+    return target
 
 
 def _check_dir_target(target: Path, replace: bool) -> None:

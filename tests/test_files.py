@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from deqgen.files import atomic_dir, atomic_file, atomic_write_bytes, atomic_write_text
+from deqgen.files import (
+    atomic_dir,
+    atomic_file,
+    atomic_open,
+    atomic_write_bytes,
+    atomic_write_text,
+    move_dir_into_place,
+)
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 
@@ -93,3 +100,35 @@ def test_png_grids_get_ordinary_permissions(umask, tmp_path: Path) -> None:  # t
     p = save_grid(tmp_path / "grid.png", torch.rand(2, 3, 4, 4), nrow=2)
     assert _mode(p) == 0o644 and p.read_bytes()[:4] == b"\x89PNG"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["grid.png"]
+
+
+def test_a_writer_that_replaces_the_temp_file_still_gets_ordinary_permissions(  # type: ignore[no-untyped-def]
+    umask, tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    umask(0o022)
+    with atomic_file(tmp_path / "w.safetensors") as tmp:
+        save_file({"a": torch.zeros(2)}, str(tmp))  # safetensors renames a private 0600 file onto tmp
+    assert _mode(tmp_path / "w.safetensors") == 0o644
+    assert torch.equal(load_file(tmp_path / "w.safetensors")["a"], torch.zeros(2))
+    with atomic_open(tmp_path / "n.bin") as fh:
+        fh.write(b"xyz")
+    assert _mode(tmp_path / "n.bin") == 0o644 and (tmp_path / "n.bin").read_bytes() == b"xyz"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["n.bin", "w.safetensors"]
+
+
+def test_move_dir_into_place_publishes_a_resumable_directory(  # type: ignore[no-untyped-def]
+    umask, tmp_path: Path
+) -> None:
+    umask(0o022)
+    part = tmp_path / "tokens.partial"
+    part.mkdir()
+    atomic_write_text(part / "progress.json", "{}")
+    final = move_dir_into_place(part, tmp_path / "tokens")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["tokens"]
+    assert _mode(final) == 0o755 and _mode(final / "progress.json") == 0o644
+    part.mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        move_dir_into_place(part, final)

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from deqgen.evaluation.npz import _atomic_write
+from deqgen.files import atomic_file, atomic_write_bytes
 
 __all__ = [
     "DigitsClassifier",
@@ -135,16 +133,10 @@ class DigitsClassifier(nn.Module):
         sidecar = _sidecar(path)
         config = {"format": _CONFIG_FORMAT, **asdict(self.config)}
         text = json.dumps(config, indent=2, sort_keys=True).encode()
-        _atomic_write(sidecar, lambda f: f.write(text))
+        atomic_write_bytes(sidecar, text)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format": _CONFIG_FORMAT})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": _CONFIG_FORMAT})
         return path
 
     @classmethod

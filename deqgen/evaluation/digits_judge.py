@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from deqgen.evaluation.digits_classifier import DigitsClassifier, class_accuracy
 from deqgen.evaluation.digits_run import CLASSIFIER_FILE, load_run_config
 from deqgen.evaluation.frechet import fid_from_features
 from deqgen.evaluation.report import ReportError
+from deqgen.files import atomic_write_text
 from deqgen.training.tasks.generation.data import digit_splits
 
 __all__ = ["judge_run"]
@@ -94,6 +94,4 @@ def _score_samples(clf: DigitsClassifier, path: Path, real: torch.Tensor) -> dic
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2))

@@ -6,9 +6,9 @@ uint8 ``(N, H, W, 3)`` NHWC array. VAR/VIAR's ``sampling.py`` orders it **class-
 
 Writing a 50k-sample file takes hours on many GPUs, so :class:`ShardedSampleWriter` cuts the global index range
 ``[0, total)`` into fixed chunks, gives rank ``r`` the chunks ``r, r + world_size, ...``, and writes each chunk as its
-own shard file, atomically (temp file in the same directory, then :func:`os.replace`). A rank restarted after a
-kill skips the chunks whose shards are complete and redoes a truncated or corrupt one. :func:`merge_shards` then
-streams the shards, in index order, into the final file without holding all samples in memory.
+own shard file, atomically (:func:`deqgen.files.atomic_open`: temp file beside it, then a rename). A rank
+restarted after a kill skips the chunks whose shards are complete and redoes a truncated or corrupt one.
+:func:`merge_shards` then streams the shards, in index order, into the final file without holding all samples in memory.
 
 Layout of ``out_dir``::
 
@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
@@ -35,6 +33,8 @@ import numpy as np
 import torch
 from numpy.lib import format as npy_format
 from torch import Tensor
+
+from deqgen.files import atomic_open, atomic_write_bytes
 
 __all__ = [
     "SampleChunk",
@@ -101,21 +101,6 @@ def _check_samples(images: np.ndarray, what: str) -> None:
                          f"{shape}; convert float images with to_uint8_nhwc()")
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write via a temp file in the same directory, fsync, then ``os.replace``: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def write_samples_npz(path: str | Path, images: np.ndarray) -> Path:
     """Write an ADM-format sample file atomically.
 
@@ -128,7 +113,8 @@ def write_samples_npz(path: str | Path, images: np.ndarray) -> Path:
     """
     _check_samples(images, "write_samples_npz images")
     path = Path(path)
-    _atomic_write(path, lambda f: np.savez(f, arr_0=images))
+    with atomic_open(path) as f:
+        np.savez(f, arr_0=images)
     return path
 
 
@@ -206,7 +192,7 @@ def _write_manifest(out_dir: Path, manifest: dict[str, object]) -> None:
             )
         return
     text = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    _atomic_write(path, lambda f: f.write(text))
+    atomic_write_bytes(path, text)
 
 
 def _read_manifest(out_dir: Path) -> dict[str, int]:
@@ -326,7 +312,8 @@ class ShardedSampleWriter:
             raise ValueError(f"chunk [{chunk.start}, {chunk.stop}) needs {len(chunk)} images, got {images.shape[0]}")
         arrays = {"arr_0": images, "labels": chunk.labels.numpy(), "index_range": np.array([chunk.start, chunk.stop])}
         path = self.path(chunk)
-        _atomic_write(path, lambda f: np.savez(f, **arrays))
+        with atomic_open(path) as f:
+            np.savez(f, **arrays)
         return path
 
 
@@ -387,7 +374,8 @@ def merge_shards(out_dir: str | Path, out_path: str | Path) -> Path:
                                      f"{(height, width)}; all shards must have one image size")
                 member.write(np.ascontiguousarray(images).tobytes())
 
-    _atomic_write(out_path, write)
+    with atomic_open(out_path) as f:
+        write(f)
     logger.info("merged %d shards (%d samples, %dx%d) into %s", len(chunks), total, height, width, out_path)
     return out_path
 

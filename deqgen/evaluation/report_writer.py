@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from deqgen.evaluation.convergence import ConvergenceCurve, solver_gap
 from deqgen.evaluation.report import ReportSettings
 from deqgen.evaluation.sampling_sweep import SweepResult
 from deqgen.evaluation.training_memory import MemoryPoint
+from deqgen.files import atomic_file, atomic_write_text
 
 __all__ = ["PAPER", "ReportData", "require_matplotlib", "write_report"]
 
@@ -302,8 +302,8 @@ def write_report(d: ReportData, out_dir: Path) -> Path:
         lines += [f"**{cache} cache**", "", *_convergence_table(curves, K), "", _cosine_verdict(curves, K), ""]
     lines += [f"![convergence]({plots['convergence']})", ""]
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines))
-    (out_dir / "report.json").write_text(json.dumps(d.to_json(), indent=2))
+    atomic_write_text(path, "\n".join(lines))
+    atomic_write_text(out_dir / "report.json", json.dumps(d.to_json(), indent=2))
     return path
 
 
@@ -320,9 +320,8 @@ def require_matplotlib() -> Any:
 
 
 def _save(fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
 
 
 def _plots(d: ReportData, out_dir: Path) -> dict[str, str]:

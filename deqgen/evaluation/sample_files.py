@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -36,11 +35,11 @@ from torch import Tensor
 from deqgen.evaluation.npz import (
     SampleChunk,
     ShardedSampleWriter,
-    _atomic_write,
     merge_shards,
     read_samples_npz,
     to_uint8_nhwc,
 )
+from deqgen.files import atomic_file, atomic_write_bytes
 from deqgen.models.viar.model import NextScaleTransformer
 from deqgen.models.viar.sampling import generate
 from deqgen.models.viar.schedules import parse_schedule
@@ -239,7 +238,7 @@ def sample_shards(
     record = json.dumps(_spec_record(spec, identity), indent=2, sort_keys=True).encode()
     spec_path = Path(shard_dir) / SPEC_NAME
     if not spec_path.is_file():
-        _atomic_write(spec_path, lambda f: f.write(record))
+        atomic_write_bytes(spec_path, record)
     pending = list(writer.pending())
     logger.info("rank %d/%d: %d of %d shards to sample (%d samples each)", rank, world_size, len(pending),
                 len(writer.chunks()), spec.batch_size)
@@ -269,16 +268,12 @@ def merge_samples(shard_dir: str | Path, out: str | Path, spec: SampleSpec) -> P
         ValueError: shards missing or damaged (the message names the index ranges).
     """
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.merge.tmp")
-    try:
+    with atomic_file(out) as tmp:
         merge_shards(shard_dir, tmp)
         labels = spec.all_labels()
         with zipfile.ZipFile(tmp, mode="a", compression=zipfile.ZIP_STORED, allowZip64=True) as archive, \
                 archive.open("labels.npy", mode="w", force_zip64=True) as member:
             npy_format.write_array(member, labels, allow_pickle=False)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -49,6 +49,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from deqgen.files import atomic_file, atomic_open, atomic_write_text
 from deqgen.training.distributed import DistInfo, barrier
 from deqgen.training.schema import TrainConfig, config_to_yaml
 
@@ -160,11 +161,6 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
 
 # ---- files ------------------------------------------------------------------------------------------------------
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -203,10 +199,8 @@ def _for_safetensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _torch_save(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
+    with atomic_open(path) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _write_failure(e: BaseException, tmp: Path) -> str:
@@ -333,22 +327,18 @@ class CheckpointManager:
         self, tmp: Path, step: int, model_state: Mapping[str, Tensor], train_state: Mapping[str, Any]
     ) -> None:
         config_yaml = None if self.config is None else config_to_yaml(self.config)
-        save_file(_for_safetensors(model_state), str(tmp / MODEL_FILE), metadata={"step": str(step)})
-        _fsync_file(tmp / MODEL_FILE)
+        with atomic_file(tmp / MODEL_FILE) as part:
+            save_file(_for_safetensors(model_state), str(part), metadata={"step": str(step)})
         _torch_save({**train_state, "step": step, "config_yaml": config_yaml, "format_version": FORMAT_VERSION},
                     tmp / STATE_FILE)
         if config_yaml is not None:
-            (tmp / CONFIG_FILE).write_text(config_yaml)
-            _fsync_file(tmp / CONFIG_FILE)
+            atomic_write_text(tmp / CONFIG_FILE, config_yaml)
 
     def _finish(self, tmp: Path, final: Path, step: int) -> None:
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
         manifest = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.dist.world_size,
                     "files": files}
-        part = tmp / (MANIFEST_FILE + ".part")
-        part.write_text(json.dumps(manifest, indent=1))
-        _fsync_file(part)
-        os.replace(part, tmp / MANIFEST_FILE)
+        atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1))  # last: marks the save complete
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step: move the old one aside first, delete it after the swap
             old = self.directory / f".ckpt_{step:08d}.old"

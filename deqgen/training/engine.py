@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from deqgen.evaluation.memory import peak_memory_bytes
+from deqgen.files import atomic_write_text
 from deqgen.training.checkpoint import Checkpoint, CheckpointManager, ConfigCheck, gather_full_state
 from deqgen.training.checkpoint import restore_rng_state, scatter_full_state
 from deqgen.training.distributed import (
@@ -414,9 +414,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and _step_of_row(line) <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _step_of_row(line: str) -> float:

@@ -13,11 +13,11 @@ each of the task's models with :func:`deqgen.training.engine.fit`, and lets rank
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
 
+from deqgen.files import atomic_write_text
 from deqgen.training import tasks
 from deqgen.training.checkpoint import CheckpointManager
 from deqgen.training.config import check_config_compatible
@@ -90,9 +90,7 @@ def verify_explicit_resume(cfg: TrainConfig, dist: DistInfo) -> None:
 def write_config(cfg: TrainConfig, dist: DistInfo, out: Path) -> None:
     """Rank 0 writes the validated config as ``config.yaml`` (atomically: a kill leaves old or new)."""
     if dist.is_main:
-        tmp = out / "config.yaml.tmp"
-        tmp.write_text(config_to_yaml(cfg))
-        os.replace(tmp, out / "config.yaml")
+        atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
     barrier()
 
 

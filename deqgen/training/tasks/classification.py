@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 from deqgen.data.digits import DigitsData, load_digits, split
+from deqgen.files import atomic_file, atomic_write_text
 from deqgen.images import save_grid
 from deqgen.models.mdeq import PRESETS, MDEQConfig, build_classifier
 from deqgen.training.distributed import DistInfo
@@ -149,7 +150,7 @@ class ClassificationTask:
             _save_confusion(self.out_dir / f"confusion_{r.role.name}.png", confusion)
             _save_hardest(self.out_dir / f"hardest_{r.role.name}.png", self.held_out, hardest)
             logger.info("%s: held-out accuracy %.4f", r.role.name, scores["accuracy"])
-        (self.out_dir / "metrics.json").write_text(json.dumps(report, indent=1))
+        atomic_write_text(self.out_dir / "metrics.json", json.dumps(report, indent=1))
         curves = {r.role.name: _metric_curve(self.out_dir / f"{r.role.role}_metrics.jsonl", "acc") for r in results}
         plot_curves(self.out_dir / "accuracy.png", curves, "training accuracy")
 
@@ -226,7 +227,8 @@ def _save_confusion(path: Path, confusion: Tensor) -> None:
     ax.set_xticks(range(k))
     ax.set_yticks(range(k))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from deqgen import gradients as _gradients
 from deqgen import solvers as _solvers
+from deqgen.files import atomic_file, atomic_open, atomic_write_text
 from deqgen.gradients import GradInfo
 from deqgen.regularization import fp_correction, jac_reg
 from deqgen.training.schema import Section
@@ -144,8 +145,9 @@ def solver_metrics(info: GradInfo | None) -> dict[str, Tensor | float]:
 def save_weights(directory: Path, state: dict[str, Tensor], config: dict[str, Any], role: str) -> None:
     """``directory/model.pt`` (the weights) and ``directory/config.json`` (the recipe that built them)."""
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, directory / "model.pt")
-    (directory / "config.json").write_text(json.dumps({"role": role, "config": config}, indent=1))
+    with atomic_open(directory / "model.pt") as f:
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, f)
+    atomic_write_text(directory / "config.json", json.dumps({"role": role, "config": config}, indent=1))
 
 
 def plot_curves(path: Path, curves: dict[str, Sequence[tuple[int, float]]], ylabel: str) -> bool:
@@ -165,6 +167,7 @@ def plot_curves(path: Path, curves: dict[str, Sequence[tuple[int, float]]], ylab
     ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return True

@@ -28,6 +28,7 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
+from deqgen.files import atomic_file, atomic_write_text
 from deqgen.images import save_grid
 from deqgen.models.inr import PRESETS, INRConfig, build_inr, pixel_grid
 from deqgen.training.distributed import DistInfo
@@ -179,7 +180,7 @@ class INRTask:
             report[r.role.name] = {**scores, "parameters": r.parameters, "steps": r.steps,
                                    "train_seconds": round(r.seconds, 2)}
             logger.info("%s: PSNR %.2f dB", r.role.name, scores["psnr"])
-        (self.out_dir / "metrics.json").write_text(json.dumps(report, indent=1))
+        atomic_write_text(self.out_dir / "metrics.json", json.dumps(report, indent=1))
         save_grid(self.out_dir / "fit.png", torch.stack(renders), nrow=len(renders))
         curves = {r.role.name: _metric_curve(self.out_dir / f"{r.role.role}_metrics.jsonl", "psnr") for r in results}
         plot_curves(self.out_dir / "psnr.png", curves, "batch PSNR (dB)")
@@ -240,5 +241,6 @@ def _save_nfe_map(path: Path, nfe_HW: Tensor) -> None:
     fig.colorbar(im, ax=ax, label="forward NFE")
     ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

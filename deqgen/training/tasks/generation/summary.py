@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from deqgen.files import atomic_file, atomic_write_text
 from deqgen.images import save_grid
 from deqgen.models.viar.convert import load_converted
 from deqgen.models.viar.model import NextScaleTransformer
@@ -67,16 +67,14 @@ def summarize(s: SamplingSection, out: Path, vae: MultiScaleVQVAE, results: Sequ
         assert isinstance(model, NextScaleTransformer)
         sampled = sample_grid(s, model, vae, out / "samples" / f"{r.role.name}.png", torch.device("cpu"))
         images, labels = sampled.pop("images"), sampled.pop("labels")
-        save_file({"images": images.contiguous(), "labels": labels.contiguous()},
-                  str(out / "samples" / f"{r.role.name}.safetensors"))
+        with atomic_file(out / "samples" / f"{r.role.name}.safetensors") as tmp:
+            save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(tmp))
         grids.append(images)
         summary[r.role.name] = {"role": r.role.role, "parameters": r.parameters, "steps": r.steps,
                                 "train_seconds": r.seconds, "final_loss": _final_loss(r.losses), **sampled}
     _side_by_side(out / "grid.png", grids, s.samples_per_class)
     _loss_plot(out / "loss.png", {r.role.name: r.losses for r in results})
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "metrics.json")
+    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
     logger.info("wrote %s, %s and %s", out / "grid.png", out / "loss.png", out / "metrics.json")
 
 
@@ -109,7 +107,6 @@ def _loss_plot(path: Path, curves: dict[str, list[tuple[int, float]]]) -> None:
     ax.set_ylabel("cross-entropy")
     ax.legend()
     ax.grid(alpha=0.3)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
     plt.close(fig)
-    os.replace(tmp, path)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from deqgen.files import atomic_write_text, move_dir_into_place
 from deqgen.models.viar.vqvae import MultiScaleVQVAE, VQVAEConfig
 from deqgen.training.tasks.generation.config import tokenizer_config
 from deqgen.training.tasks.generation.data import digit_splits, image_folder
@@ -185,7 +185,7 @@ def write_pretokenized(
         part.mkdir(parents=True, exist_ok=True)
         tokens = np.lib.format.open_memmap(part / _TOKENS, mode="w+", dtype=dtype, shape=(n, L))
         labels = np.lib.format.open_memmap(part / _LABELS, mode="w+", dtype=np.int64, shape=(n,))
-        (part / _META).write_text(json.dumps(meta, indent=1))
+        atomic_write_text(part / _META, json.dumps(meta, indent=1))
     vae = vae.to(device).eval()
     loader = DataLoader(Subset(dataset, range(done, n)), batch_size=batch_size, num_workers=num_workers)
     for b, (x, y) in enumerate(loader):
@@ -196,11 +196,11 @@ def write_pretokenized(
         if (b + 1) % flush_every == 0 or done == n:
             tokens.flush()
             labels.flush()
-            (part / _PROGRESS).write_text(json.dumps({"rows": done}))
+            atomic_write_text(part / _PROGRESS, json.dumps({"rows": done}))
         if progress is not None:
             progress(done)
     del tokens, labels
-    os.replace(part, path)
+    move_dir_into_place(part, path)
     logger.info("pretokenize: wrote %d token pyramids (L = %d) to %s", n, L, path)
     return path
 

@@ -96,3 +96,10 @@ def test_attention_resolves_once_per_input_kind(monkeypatch: pytest.MonkeyPatch)
             m(labels, feats)
     # one resolution per block for the float (block-causal) mask, none on the second and third calls
     assert calls == ["float"] * len(m.blocks())
+
+
+def test_a_model_compiled_before_any_resolution_still_traces_whole() -> None:
+    """Without prepare_attention the first traced call must not probe (it would break the graph)."""
+    m = build_model("var_tiny", generator=torch.Generator().manual_seed(0)).eval()
+    ex = _explain(lambda lab, f: m(lab, f)[0], *_inputs(m))
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), _reasons(ex)

@@ -233,10 +233,10 @@ class ResolvedAttention:
     """Attention whose kernel is resolved once per (device, dtype, head dim, mask kind) and then reused.
 
     A model layer holds one of these instead of calling :func:`attention`, which re-checks its inputs and
-    looks the backend up on every call. The first call for an input kind resolves the kernel (probing
-    backends for ``auto``); :meth:`prepare` does it ahead of time, which ``torch.compile`` needs: a kernel
-    resolved before tracing is a plain function call in the graph, while resolving inside a traced call
-    breaks the graph (the probe runs real kernels).
+    looks the backend up on every call. The first eager call for an input kind resolves the kernel (probing
+    backends for ``auto``); :meth:`prepare` does it ahead of time. Under ``torch.compile`` a resolved kernel
+    is a plain function call in the graph; a call traced before any resolution does not probe (that would
+    run kernels inside the trace) and uses the named backend, or SDPA for ``auto``.
 
     Args:
         backend: requested backend, as for :func:`attention`.
@@ -293,9 +293,20 @@ class ResolvedAttention:
         """
         key = (q.device, q.dtype, q.shape[-1], _mask_kind(mask))
         kernel = self._kernels.get(key)
-        if kernel is None:
+        if kernel is None and torch.compiler.is_compiling():
+            kernel = self._traced_kernel()
+        elif kernel is None:
             kernel = self._resolve(*key)
         return kernel(q, k, v, mask, scale)
+
+    def _traced_kernel(self) -> AttentionKernel:
+        """The kernel for a call traced before :meth:`prepare`: no probe (it would run kernels inside the
+        trace); ``auto`` takes SDPA, which every device runs and ``torch.compile`` fuses."""
+        if self.backend is AttentionBackend.MATH:  # if/else, not _KERNELS: dynamo cannot index a mappingproxy
+            return _math_attention
+        if self.backend is AttentionBackend.XFORMERS:
+            return _xformers_attention
+        return _sdpa_attention
 
     def _resolve(
         self, device: torch.device, dtype: torch.dtype, head_dim: int, mask_kind: str

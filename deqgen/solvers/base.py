@@ -12,7 +12,9 @@ stopping test, no best-iterate tracking and no autograd: :func:`run` does all of
 * the **fixed-budget path** (``tol=None``): exactly ``max_iter`` evaluations with no host synchronisation;
   only rows whose residual is not finite are frozen.
 
-Every solver's state is batch-first and per row, so a row's trajectory does not depend on the rest of its batch.
+Every solver's state is batch-first and per row, so a row's trajectory does not depend on the rest of its
+batch. The per-row bookkeeping lives in :mod:`deqgen.solvers.rows`, the norms in
+:mod:`deqgen.solvers.numerics`.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import torch
 from torch import Tensor
 
 from deqgen.problem import FixedPointProblem
-from deqgen.solvers.numerics import known_false, residual_norms, work_dtype
-from deqgen.stats import Solution, SolverError, SolverStats, Status
+from deqgen.solvers.numerics import residual_norms, work_dtype
+from deqgen.solvers.rows import Outputs, Rows, survives, trace_row, track_best
+from deqgen.stats import Solution, SolverError, Status
 
 __all__ = ["Solver", "run", "take_rows"]
 
@@ -50,8 +53,9 @@ class Solver(ABC, Generic[StateT]):
             known budget, e.g. VIAR's per-scale iteration counts).
         stop_mode: ``"rel"`` tests ``||f(z) - z|| / ||f(z)||``, ``"abs"`` tests ``||f(z) - z||``.
         atol: with ``stop_mode="rel"``, a sample also stops once its absolute residual is ``<= atol``
-            (``abs <= atol or rel <= tol``, as scipy's ``f_tol``/``f_rtol`` and optimistix's ``atol``/``rtol``),
-            so a fixed point at or near ``z = 0`` is reachable. ``0`` (the default) disables it.
+            (``abs <= atol or rel <= tol``, as scipy's ``f_tol``/``f_rtol`` and optimistix's
+            ``atol``/``rtol``), so a fixed point at or near ``z = 0`` is reachable. ``0`` (the default)
+            disables it.
         norm: ``"l2"`` or ``"inf"``, taken per sample over all non-batch dims.
         max_iter: the most evaluations of ``f`` per sample.
         check_every: look at the host (one synchronisation) every this many iterations to drop finished rows
@@ -77,7 +81,8 @@ class Solver(ABC, Generic[StateT]):
         if self.tol is not None and (isinstance(self.tol, bool) or not isinstance(self.tol, (int, float))):
             raise TypeError(f"{cls} got tol={self.tol!r}; use a positive float, or None for a fixed budget")
         if self.tol is not None and not (self.tol > 0 and math.isfinite(self.tol)):
-            raise ValueError(f"{cls} got tol={self.tol!r}; use a positive finite float, or None for a fixed budget")
+            msg = f"{cls} got tol={self.tol!r}; use a positive finite float, or None for a fixed budget"
+            raise ValueError(msg)
         if self.stop_mode not in ("abs", "rel"):
             raise ValueError(f"{cls} got stop_mode={self.stop_mode!r}; use 'abs' or 'rel'")
         if isinstance(self.atol, bool) or not isinstance(self.atol, (int, float)):
@@ -85,7 +90,7 @@ class Solver(ABC, Generic[StateT]):
         if not (self.atol >= 0 and math.isfinite(self.atol)):
             raise ValueError(f"{cls} got atol={self.atol!r}; use a finite float >= 0 (0 disables it)")
         if self.atol > 0 and self.stop_mode != "rel":
-            raise ValueError(f"{cls} got atol={self.atol!r} with stop_mode='abs'; set tol instead, or stop_mode='rel'")
+            raise ValueError(f"{cls} got atol={self.atol!r} with stop_mode='abs'; set tol or stop_mode='rel'")
         if self.norm not in ("l2", "inf"):
             raise ValueError(f"{cls} got norm={self.norm!r}; use 'l2' or 'inf'")
         check_int(cls, "max_iter", self.max_iter, 1)
@@ -158,91 +163,23 @@ def run(
     Returns:
         A :class:`~deqgen.stats.Solution` with ``z: (B, *S)`` in ``z0``'s dtype (for a structured problem, the
         structure of the original ``z0``, see :meth:`~deqgen.problem.FixedPointProblem.unpack`) and per-sample
-        stats. With a tolerance, a converged sample returns the iterate that met the stop rule; any other sample
-        returns its best iterate: with ``stop_mode="abs"`` the one with the lowest absolute residual; with
-        ``stop_mode="rel"`` the one with the lowest relative residual among those whose absolute residual is no
-        larger than the start's. Either way it is never worse than ``z0`` in the absolute residual.
+        stats. With a tolerance, a converged sample returns the iterate that met the stop rule; any other
+        sample returns its best iterate: with ``stop_mode="abs"`` the one with the lowest absolute residual;
+        with ``stop_mode="rel"`` the one with the lowest relative residual among those whose absolute residual
+        is no larger than the start's. Either way it is never worse than ``z0`` in the absolute residual.
 
     The loop runs under ``torch.no_grad()``: gradients are the business of deqgen's gradient methods.
     """
     if not isinstance(problem, FixedPointProblem):
         raise TypeError(f"run() needs a FixedPointProblem, got {type(problem).__name__}")
     if not isinstance(solver, Solver):
-        raise TypeError(f"run() needs a deqgen Solver (Picard, Anderson, Broyden), got {type(solver).__name__}")
+        raise TypeError(f"run() needs a Solver (Picard, Anderson, Broyden), not {type(solver).__name__}")
     with torch.no_grad():
         loop = _Loop(problem, solver, trace)
         solution = loop.run_budget() if solver.tol is None else loop.run_tolerance()
     if throw:
         solution.raise_for_status()
     return solution
-
-
-@dataclasses.dataclass
-class _Rows:
-    """The working set: the ``n <= B`` rows still in the loop, each field batch-first.
-
-    ``best_*`` hold each row's best evaluated iterate (see :func:`run`); ``best_z`` may alias ``z``. ``nfe``
-    and ``live`` are per row only in masked mode (finished rows wait, frozen, for the next host check);
-    otherwise every working row is live and has made ``k + 1`` evaluations.
-    """
-
-    orig: Tensor  # (n,) original row index
-    z: Tensor  # (n, D)
-    best_z: Tensor  # (n, D)
-    best_abs: Tensor  # (n,)
-    best_rel: Tensor  # (n,)
-    start_abs: Tensor  # (n,) absolute residual of z0
-    streak: Tensor  # (n,) consecutive non-finite evaluations
-    nfe: Tensor  # (n,)
-    live: Tensor  # (n,) bool
-
-    def take(self, keep: Tensor) -> _Rows:
-        z = self.z[keep]
-        return _Rows(
-            orig=self.orig[keep],
-            z=z,
-            best_z=z if self.best_z is self.z else self.best_z[keep],
-            best_abs=self.best_abs[keep],
-            best_rel=self.best_rel[keep],
-            start_abs=self.start_abs[keep],
-            streak=self.streak[keep],
-            nfe=self.nfe[keep],
-            live=self.live[keep],
-        )
-
-
-class _Outputs:
-    """Full-batch buffers that finished rows are written into."""
-
-    def __init__(self, z: Tensor, res_dtype: torch.dtype) -> None:
-        B = z.shape[0]
-        self.z = torch.empty_like(z)
-        self.abs = torch.full((B,), math.nan, dtype=res_dtype, device=z.device)
-        self.rel = torch.full((B,), math.nan, dtype=res_dtype, device=z.device)
-        self.status = torch.full((B,), int(Status.MAX_ITER), dtype=torch.int8, device=z.device)
-        self.nfe = torch.zeros(B, dtype=torch.int64, device=z.device)
-
-    def write(self, at: Tensor, z: Tensor, abs_: Tensor, rel: Tensor, status: Tensor, nfe: Tensor | int) -> None:
-        self.z.index_copy_(0, at, z)
-        self.abs.index_copy_(0, at, abs_)
-        self.rel.index_copy_(0, at, rel)
-        self.status.index_copy_(0, at, status.to(torch.int8))
-        if isinstance(nfe, int):
-            self.nfe.index_fill_(0, at, nfe)
-        else:
-            self.nfe.index_copy_(0, at, nfe)
-
-    def stats(self, iterations: int, rows_evaluated: int, traces: list[tuple[Tensor, Tensor]]) -> SolverStats:
-        return SolverStats(
-            status=self.status,
-            nfe=self.nfe,
-            abs_residual=self.abs,
-            rel_residual=self.rel,
-            iterations=iterations,
-            rows_evaluated=rows_evaluated,
-            abs_trace=torch.stack([t[0] for t in traces]) if traces else None,
-            rel_trace=torch.stack([t[1] for t in traces]) if traces else None,
-        )
 
 
 class _Loop:
@@ -260,15 +197,23 @@ class _Loop:
         self.rows_evaluated = 0
 
     def residuals(self, fz: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``g = f(z) - z``, its absolute and relative norms, and the ``(n,)`` mask of finite residuals."""
+        """``g = f(z) - z``, its absolute and relative norms, and the ``(n,)`` mask of finite residuals (a
+        finite ``f(z) = 0`` has ``rel = +inf``, which is no reason to stop)."""
         g = fz - z
-        res_abs, res_rel = residual_norms(g, fz, self.ord, self.rdtype)
-        # rel is +inf (not NaN) for a finite f(z) = 0, which is no reason to stop
-        return g, res_abs, res_rel, torch.isfinite(res_abs) & ~torch.isnan(res_rel)
+        return g, *residual_norms(g, fz, self.ord, self.rdtype)
+
+    def stop_rule(self, res_abs: Tensor, res_rel: Tensor) -> Tensor:
+        """``(n,)`` bool: ``abs <= tol`` (abs mode), or ``rel <= tol or abs <= atol`` (rel mode); NaN never
+        stops."""
+        solver = self.solver
+        if solver.stop_mode == "abs":
+            return res_abs <= solver.tol
+        met = res_rel <= solver.tol
+        return (met | (res_abs <= solver.atol)) if solver.atol > 0 else met
 
     def evaluate(self, z: Tensor, k: int, orig: Tensor | None, x_rows: Any, z_full: Tensor | None) -> Tensor:
-        """``f`` on the working rows ``z: (n, D)``: only them for a separable problem, else all ``B`` rows (the
-        frozen ones at their final values, kept in ``z_full``). ``orig`` is None when all rows are working."""
+        """``f`` on the working rows ``z: (n, D)``: only them for a separable problem, else all ``B`` rows
+        (the frozen ones at their final values, kept in ``z_full``). ``orig`` is None when all rows work."""
         if z_full is not None and orig is not None:
             z_full.index_copy_(0, orig, z)
             zin = z_full
@@ -283,11 +228,30 @@ class _Loop:
 
     def record(self, res_abs: Tensor, res_rel: Tensor, live: Tensor | None, orig: Tensor) -> None:
         if self.want_trace:
-            self.traces.append(_trace_row(res_abs, res_rel, live, orig, self.B))
+            self.traces.append(trace_row(res_abs, res_rel, live, orig, self.B))
 
-    def solution(self, out: _Outputs, iterations: int) -> Solution:
+    def retire(
+        self, out: Outputs, rows: Rows, live_host: Tensor, nfe: int | None, z_full: Tensor | None
+    ) -> Tensor | None:
+        """Write the rows that are not ``live_host`` (a CPU mask) to ``out``: converged when their best
+        iterate meets the stop rule, else stopped for a NaN/Inf residual; ``nfe`` None takes ``rows.nfe``.
+        Returns the indices of the rows that go on, or None when none do."""
+        dev = rows.z.device
+        done = (~live_host).nonzero().squeeze(1).to(dev, non_blocking=True)
+        at, best_abs, best_rel = rows.orig[done], rows.best_abs[done], rows.best_rel[done]
+        met = self.stop_rule(best_abs, best_rel)
+        status = torch.where(met, int(Status.CONVERGED), int(Status.NON_FINITE))
+        out.write(at, rows.best_z[done], best_abs, best_rel, status, rows.nfe[done] if nfe is None else nfe)
+        if done.numel() == rows.z.shape[0]:
+            return None
+        if z_full is not None:  # f sees all B rows: the frozen ones keep their last values
+            z_full.index_copy_(0, at, rows.z[done])
+        return live_host.nonzero().squeeze(1).to(dev, non_blocking=True)
+
+    def solution(self, out: Outputs, iterations: int) -> Solution:
         z = self.problem.unpack(out.z.reshape(self.problem.z0.shape).to(self.problem.z0.dtype))
-        return Solution(z=z, stats=out.stats(iterations, self.rows_evaluated, self.traces))  # type: ignore[arg-type]
+        stats = out.stats(iterations, self.rows_evaluated, self.traces)
+        return Solution(z=z, stats=stats)  # type: ignore[arg-type]
 
     def run_budget(self) -> Solution:
         """Exactly ``max_iter`` evaluations and steps, no host sync; non-finite rows are frozen."""
@@ -308,7 +272,7 @@ class _Loop:
             live = live & finite
             z_next, state = solver.step(state, z, fz, g, res_abs)
             z = torch.where(live[:, None], z_next, z)
-        out = _Outputs(z, self.rdtype)
+        out = Outputs(z, self.rdtype)
         status = torch.where(live, int(Status.BUDGET), int(Status.NON_FINITE))
         out.write(orig, z, last_abs, last_rel, status, nfe)
         return self.solution(out, solver.max_iter)
@@ -319,38 +283,29 @@ class _Loop:
         # Between host checks, finished rows are frozen on the device by a mask (and nfe is counted per row).
         # With a check every iteration they are dropped before the next step: no mask, and nfe = k + 1.
         masked = solver.check_every > 1
-        rows = _initial_rows(self.z, self.rdtype)
+        rows = Rows.start(self.z, self.rdtype)
         x_rows = problem.x
         z_full = None if problem.separable else self.z.clone()
         state = solver.init(self.z)
-        out = _Outputs(self.z, self.rdtype)
-        iterations = 0
+        out = Outputs(self.z, self.rdtype)
         for k in range(solver.max_iter):
-            n = rows.z.shape[0]
-            fz = self.evaluate(rows.z, k, rows.orig if n < B else None, x_rows, z_full)
-            iterations = k + 1
+            fz = self.evaluate(rows.z, k, rows.orig if rows.z.shape[0] < B else None, x_rows, z_full)
             g, res_abs, res_rel, finite = self.residuals(fz, rows.z)
             self.record(res_abs, res_rel, rows.live if masked else None, rows.orig)
             if masked:
                 rows.nfe += rows.live
-            converged = _stop_rule(solver, res_abs, res_rel)
-            _track_best(rows, k, res_abs, res_rel, finite, converged, solver.stop_mode == "rel", masked)
-            running = ~converged & _survives(rows, finite, k, solver.non_finite_retries)
+            converged = self.stop_rule(res_abs, res_rel)
+            track_best(rows, k, res_abs, res_rel, finite, converged, solver.stop_mode == "rel", masked)
+            running = ~converged & survives(rows, finite, k, solver.non_finite_retries)
             rows.live = (rows.live & running) if masked else running
             if (k + 1) % solver.check_every == 0 or k + 1 == solver.max_iter:
                 live_host = rows.live.cpu()  # the host check: the only synchronisation of the iteration
-                done_host = (~live_host).nonzero().squeeze(1)
-                if done_host.numel():
-                    done = done_host.to(rows.z.device, non_blocking=True)
-                    _retire(out, rows, done, solver, None if masked else k + 1)
-                    if done_host.numel() == n:
-                        return self.solution(out, iterations)
-                    if z_full is not None:  # f sees all B rows: the frozen ones keep their last values
-                        z_full.index_copy_(0, rows.orig[done], rows.z[done])
-                    keep = live_host.nonzero().squeeze(1).to(rows.z.device, non_blocking=True)
-                    rows = rows.take(keep)
+                if not bool(live_host.all()):
+                    keep = self.retire(out, rows, live_host, None if masked else k + 1, z_full)
+                    if keep is None:
+                        return self.solution(out, k + 1)
+                    rows, state = rows.take(keep), take_rows(state, keep)
                     fz, g, res_abs = fz[keep], g[keep], res_abs[keep]
-                    state = take_rows(state, keep)
                     if problem.separable and isinstance(problem.x, Tensor):
                         x_rows = problem.x[rows.orig]
             if k + 1 == solver.max_iter:
@@ -359,82 +314,22 @@ class _Loop:
             rows.z = torch.where(rows.live[:, None], z_next, rows.z) if masked else z_next
         # the last check retired every finished row: the rest ran out of iterations
         status = torch.full_like(rows.orig, int(Status.MAX_ITER))
-        out.write(rows.orig, rows.best_z, rows.best_abs, rows.best_rel, status, rows.nfe if masked else iterations)
-        return self.solution(out, iterations)
+        nfe = rows.nfe if masked else solver.max_iter
+        out.write(rows.orig, rows.best_z, rows.best_abs, rows.best_rel, status, nfe)
+        return self.solution(out, solver.max_iter)
 
 
 def _iterate_dtype(z0: Tensor, solver: Solver[Any]) -> torch.dtype:
-    """float32 for a half-precision ``z0`` under autocast (unless ``upcast_half=False``), else ``z0``'s dtype."""
+    """float32 for a half-precision ``z0`` under autocast (unless ``upcast_half=False``), else ``z0``'s
+    dtype."""
     if solver.upcast_half and z0.dtype in _HALF and torch.is_autocast_enabled(z0.device.type):
         return torch.float32
     return z0.dtype
 
 
-def _initial_rows(z: Tensor, rdtype: torch.dtype) -> _Rows:
-    B, dev = z.shape[0], z.device
-    inf = torch.full((B,), math.inf, dtype=rdtype, device=dev)
-    return _Rows(
-        orig=torch.arange(B, device=dev),
-        z=z,
-        best_z=z,
-        best_abs=inf,
-        best_rel=inf.clone(),
-        start_abs=inf.clone(),
-        streak=torch.zeros(B, dtype=torch.int32, device=dev),
-        nfe=torch.zeros(B, dtype=torch.int64, device=dev),
-        live=torch.ones(B, dtype=torch.bool, device=dev),
-    )
-
-
-def _stop_rule(solver: Solver[Any], res_abs: Tensor, res_rel: Tensor) -> Tensor:
-    """``(n,)`` bool: ``abs <= tol`` (abs mode), or ``rel <= tol or abs <= atol`` (rel mode). NaN never stops."""
-    if solver.stop_mode == "abs":
-        return res_abs <= solver.tol
-    met = res_rel <= solver.tol
-    return (met | (res_abs <= solver.atol)) if solver.atol > 0 else met
-
-
-def _track_best(
-    rows: _Rows, k: int, res_abs: Tensor, res_rel: Tensor, finite: Tensor, converged: Tensor, rel: bool, masked: bool
-) -> None:
-    """Keep each row's best iterate (see :func:`run`); the start and a converged iterate always count."""
-    if k == 0:
-        rows.start_abs = torch.where(finite, res_abs, math.inf)
-        improved = finite
-    elif rel:  # lowest rel among iterates no worse than the start in abs: rel alone is scale-dependent
-        improved = converged | ((res_rel < rows.best_rel) & (res_abs <= rows.start_abs))
-    else:
-        improved = res_abs < rows.best_abs  # NaN never counts as lower
-    if masked:
-        improved = improved & rows.live
-    if not masked and known_false(~improved):  # every row improved (known for free on CPU): alias
-        rows.best_abs, rows.best_rel, rows.best_z = res_abs, res_rel, rows.z
-        return
-    rows.best_abs = torch.where(improved, res_abs, rows.best_abs)
-    rows.best_rel = torch.where(improved, res_rel, rows.best_rel)
-    rows.best_z = torch.where(improved[:, None], rows.z, rows.best_z)
-
-
-def _survives(rows: _Rows, finite: Tensor, k: int, retries: int) -> Tensor:
-    """``(n,)`` bool: the row may go on. A non-finite residual ends it unless the solver backs off from it
-    (at most ``retries`` times in a row, never at the start, where there is nothing to go back to)."""
-    if retries == 0 or k == 0:
-        return finite
-    rows.streak = torch.where(finite, 0, rows.streak + 1)
-    return finite | (rows.streak <= retries)
-
-
-def _retire(out: _Outputs, rows: _Rows, done: Tensor, solver: Solver[Any], nfe: int | None) -> None:
-    """Write the finished rows ``done`` to the outputs: converged when their best iterate meets the stop rule,
-    else the loop stopped them for a NaN/Inf residual."""
-    best_abs, best_rel = rows.best_abs[done], rows.best_rel[done]
-    status = torch.where(_stop_rule(solver, best_abs, best_rel), int(Status.CONVERGED), int(Status.NON_FINITE))
-    out.write(rows.orig[done], rows.best_z[done], best_abs, best_rel, status, rows.nfe[done] if nfe is None else nfe)
-
-
 def _checked_output(fz: Any, shape: tuple[int, ...], dtype: torch.dtype, k: int) -> Tensor:
-    """``fz`` in ``dtype`` after checking it is a tensor of ``shape``; a half-precision output is accepted (and
-    cast up) when the loop iterates a half-precision ``z0`` in float32 under autocast."""
+    """``fz`` in ``dtype`` after checking it is a tensor of ``shape``; a half-precision output is accepted
+    (and cast up) when the loop iterates a half-precision ``z0`` in float32 under autocast."""
     if isinstance(fz, Tensor) and fz.shape == shape:
         if fz.dtype == dtype:
             return fz
@@ -447,10 +342,3 @@ def _checked_output(fz: Any, shape: tuple[int, ...], dtype: torch.dtype, k: int)
     )
 
 
-def _trace_row(res_abs: Tensor, res_rel: Tensor, live: Tensor | None, orig: Tensor, B: int) -> tuple[Tensor, Tensor]:
-    if live is not None:
-        res_abs = torch.where(live, res_abs, math.nan)
-        res_rel = torch.where(live, res_rel, math.nan)
-    full_abs = torch.full((B,), math.nan, dtype=res_abs.dtype, device=res_abs.device)
-    full_rel = full_abs.clone()
-    return full_abs.index_copy_(0, orig, res_abs), full_rel.index_copy_(0, orig, res_rel)

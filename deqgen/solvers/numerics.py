@@ -10,7 +10,16 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["work_dtype", "row_norm", "residual_norms", "cast_to", "known_false", "rowdot", "combine"]
+__all__ = [
+    "cast_to",
+    "combine",
+    "known_false",
+    "known_true",
+    "residual_norms",
+    "row_norm",
+    "rowdot",
+    "work_dtype",
+]
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -19,17 +28,21 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def row_norm(v: Tensor, ord: float, dtype: torch.dtype) -> Tensor:
-    """Per-row norm of ``v: (B, D)`` in ``dtype``, ``(B,)``, that does not overflow while the entries are finite.
+    """Per-row norm of ``v: (B, D)`` in ``dtype``, ``(B,)``, that does not overflow while the entries are
+    finite.
 
     ``torch.linalg.vector_norm`` sums squares, which overflow (or underflow) long before the entries do: the
     float32 l2 norm of ten entries ``1e20`` is ``inf``. Rows whose plain norm is infinite or tiny are
-    recomputed as ``max|v| * ||v / max|v|||`` (scaling before squaring, as LAPACK's ``nrm2`` does), so a finite
-    row gets a finite norm unless the norm itself exceeds the dtype's range. A row with a NaN or Inf entry
-    keeps its NaN/Inf norm.
+    recomputed as ``max|v| * ||v / max|v|||`` (scaling before squaring, as LAPACK's ``nrm2`` does), so a
+    finite row gets a finite norm unless the norm itself exceeds the dtype's range. A row with a NaN or Inf
+    entry keeps its NaN/Inf norm.
     """
     n = torch.linalg.vector_norm(v, ord=ord, dim=1, dtype=dtype)
-    if ord == math.inf:
-        return n  # a maximum cannot overflow
+    return n if ord == math.inf else _rescaled(v, n, dtype)  # a maximum cannot overflow
+
+
+def _rescaled(v: Tensor, n: Tensor, dtype: torch.dtype) -> Tensor:
+    """``n``, the plain l2 norms of ``v``'s rows, with the infinite or tiny ones recomputed by scaling."""
     info = torch.finfo(dtype)
     suspect = torch.isinf(n) | (n < math.sqrt(info.tiny) / info.eps)
     if known_false(suspect):
@@ -41,8 +54,18 @@ def row_norm(v: Tensor, ord: float, dtype: torch.dtype) -> Tensor:
     return torch.where(suspect & fine, scaled, n)
 
 
-def residual_norms(g: Tensor, fz: Tensor, ord: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Absolute and relative residuals ``||g||`` and ``||g|| / ||f(z)||`` per row, ``(B,)`` each in ``dtype``.
+def _known_in_range(n: Tensor, dtype: torch.dtype) -> bool:
+    """True when no plain l2 norm in ``n`` needs :func:`_rescaled` (none infinite, none tiny), decided in one
+    pass on CPU; False ("not known") on other devices or when a norm is NaN."""
+    if n.device.type != "cpu":
+        return False
+    info = torch.finfo(dtype)
+    lo, hi = torch.aminmax(n)
+    return bool(lo >= math.sqrt(info.tiny) / info.eps) and bool(hi < math.inf)
+
+
+def residual_norms(g: Tensor, fz: Tensor, ord: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Absolute and relative residuals ``||g||`` and ``||g|| / ||f(z)||`` per row, and which rows are finite.
 
     Args:
         g: ``(B, D)`` the residual vector ``f(z) - z``.
@@ -51,13 +74,17 @@ def residual_norms(g: Tensor, fz: Tensor, ord: float, dtype: torch.dtype) -> tup
         dtype: float32 or float64.
 
     Returns:
-        ``(abs, rel)``. ``rel`` is NaN where ``||f(z)||`` is not finite (a finite residual over an infinite norm
-        would read as 0, i.e. "converged"), and ``+inf`` where ``f(z) = 0`` but ``g != 0``.
+        ``(abs, rel, finite)``, ``(B,)`` each (``finite`` bool). ``rel`` is NaN where ``||f(z)||`` is not
+        finite (a finite residual over an infinite norm would read as 0, i.e. "converged"), and ``+inf`` where
+        ``f(z) = 0`` but ``g != 0``. ``finite``: ``abs`` is finite and ``rel`` is not NaN.
     """
-    abs_ = row_norm(g, ord, dtype)
-    fz_norm = row_norm(fz, ord, dtype)
-    rel = abs_ / fz_norm.clamp_min(torch.finfo(dtype).tiny)
-    return abs_, torch.where(torch.isfinite(fz_norm), rel, math.nan)
+    abs_ = torch.linalg.vector_norm(g, ord=ord, dim=1, dtype=dtype)
+    fz_norm = torch.linalg.vector_norm(fz, ord=ord, dim=1, dtype=dtype)
+    if ord != math.inf and not _known_in_range(torch.stack((abs_, fz_norm)), dtype):
+        abs_, fz_norm = _rescaled(g, abs_, dtype), _rescaled(fz, fz_norm, dtype)
+    nan_off = fz_norm - fz_norm  # 0 where ||f(z)|| is finite, NaN where it is not
+    rel = torch.addcdiv(nan_off, abs_, fz_norm.clamp_min(torch.finfo(dtype).tiny))
+    return abs_, rel, torch.isfinite(abs_ + nan_off)
 
 
 def cast_to(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -73,6 +100,12 @@ def known_false(mask: Tensor) -> bool:
     the general, sync-free path.
     """
     return mask.device.type == "cpu" and not bool(mask.any())
+
+
+def known_true(mask: Tensor) -> bool:
+    """True when ``mask`` is certainly all True, decided without an accelerator sync (as
+    :func:`known_false`)."""
+    return mask.device.type == "cpu" and bool(mask.all())
 
 
 def rowdot(A: Tensor, v: Tensor) -> Tensor:

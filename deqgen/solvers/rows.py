@@ -1,0 +1,158 @@
+"""The per-row bookkeeping of :func:`~deqgen.solvers.base.run`: the working set, each row's best iterate,
+and the full-batch outputs that finished rows are written into.
+
+Every tensor here is batch-first. Nothing synchronises with an accelerator except through
+:func:`~deqgen.solvers.numerics.known_true`, which answers only on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+from deqgen.solvers.numerics import known_true
+from deqgen.stats import SolverStats, Status
+
+__all__ = ["Outputs", "Rows", "survives", "trace_row", "track_best"]
+
+
+@dataclasses.dataclass
+class Rows:
+    """The working set: the ``n <= B`` rows still in the loop, each field batch-first.
+
+    ``best_*`` hold each row's best evaluated iterate (see :func:`~deqgen.solvers.base.run`); ``best_z`` may
+    alias ``z``. ``nfe`` and ``live`` are per row only in masked mode (finished rows wait, frozen, for the
+    next host check); otherwise every working row is live and has made ``k + 1`` evaluations.
+    """
+
+    orig: Tensor  # (n,) original row index
+    z: Tensor  # (n, D)
+    best_z: Tensor  # (n, D)
+    best_abs: Tensor  # (n,)
+    best_rel: Tensor  # (n,)
+    start_abs: Tensor  # (n,) absolute residual of z0
+    streak: Tensor  # (n,) consecutive non-finite evaluations
+    nfe: Tensor  # (n,)
+    live: Tensor  # (n,) bool
+
+    @classmethod
+    def start(cls, z: Tensor, rdtype: torch.dtype) -> Rows:
+        """Every row of ``z: (B, D)`` working, no best iterate yet, residuals kept in ``rdtype``."""
+        B, dev = z.shape[0], z.device
+        inf = torch.full((B,), math.inf, dtype=rdtype, device=dev)
+        return cls(
+            orig=torch.arange(B, device=dev),
+            z=z,
+            best_z=z,
+            best_abs=inf,
+            best_rel=inf.clone(),
+            start_abs=inf.clone(),
+            streak=torch.zeros(B, dtype=torch.int32, device=dev),
+            nfe=torch.zeros(B, dtype=torch.int64, device=dev),
+            live=torch.ones(B, dtype=torch.bool, device=dev),
+        )
+
+    def take(self, keep: Tensor) -> Rows:
+        """The rows ``keep: (n',)`` (indices into the working set)."""
+        z = self.z[keep]
+        return Rows(
+            orig=self.orig[keep],
+            z=z,
+            best_z=z if self.best_z is self.z else self.best_z[keep],
+            best_abs=self.best_abs[keep],
+            best_rel=self.best_rel[keep],
+            start_abs=self.start_abs[keep],
+            streak=self.streak[keep],
+            nfe=self.nfe[keep],
+            live=self.live[keep],
+        )
+
+
+class Outputs:
+    """Full-batch buffers that finished rows are written into, ``(B, ...)`` each."""
+
+    def __init__(self, z: Tensor, res_dtype: torch.dtype) -> None:
+        B = z.shape[0]
+        self.z = torch.empty_like(z)
+        self.abs = torch.full((B,), math.nan, dtype=res_dtype, device=z.device)
+        self.rel = torch.full((B,), math.nan, dtype=res_dtype, device=z.device)
+        self.status = torch.full((B,), int(Status.MAX_ITER), dtype=torch.int8, device=z.device)
+        self.nfe = torch.zeros(B, dtype=torch.int64, device=z.device)
+
+    def write(
+        self, at: Tensor, z: Tensor, abs_: Tensor, rel: Tensor, status: Tensor, nfe: Tensor | int
+    ) -> None:
+        """Rows ``at: (n,)`` of every buffer; ``nfe`` one count for all of them or ``(n,)``."""
+        self.z.index_copy_(0, at, z)
+        self.abs.index_copy_(0, at, abs_)
+        self.rel.index_copy_(0, at, rel)
+        self.status.index_copy_(0, at, status.to(torch.int8))
+        if isinstance(nfe, int):
+            self.nfe.index_fill_(0, at, nfe)
+        else:
+            self.nfe.index_copy_(0, at, nfe)
+
+    def stats(self, iterations: int, rows_evaluated: int, traces: list[tuple[Tensor, Tensor]]) -> SolverStats:
+        return SolverStats(
+            status=self.status,
+            nfe=self.nfe,
+            abs_residual=self.abs,
+            rel_residual=self.rel,
+            iterations=iterations,
+            rows_evaluated=rows_evaluated,
+            abs_trace=torch.stack([t[0] for t in traces]) if traces else None,
+            rel_trace=torch.stack([t[1] for t in traces]) if traces else None,
+        )
+
+
+def track_best(
+    rows: Rows,
+    k: int,
+    res_abs: Tensor,
+    res_rel: Tensor,
+    finite: Tensor,
+    converged: Tensor,
+    rel: bool,
+    masked: bool,
+) -> None:
+    """Keep each row's best iterate (see :func:`~deqgen.solvers.base.run`); the start and a converged iterate
+    always count. When every row improved (known for free on CPU) the best iterate aliases the current one."""
+    if k == 0:
+        rows.start_abs = torch.where(finite, res_abs, math.inf)
+        improved = finite
+    elif rel:  # lowest rel among iterates no worse than the start in abs: rel alone is scale-dependent
+        improved = converged | ((res_rel < rows.best_rel) & (res_abs <= rows.start_abs))
+    else:
+        improved = res_abs < rows.best_abs  # NaN never counts as lower
+    if masked:
+        improved = improved & rows.live
+    elif known_true(improved):
+        rows.best_abs, rows.best_rel, rows.best_z = res_abs, res_rel, rows.z
+        return
+    rows.best_abs = torch.where(improved, res_abs, rows.best_abs)
+    rows.best_rel = torch.where(improved, res_rel, rows.best_rel)
+    rows.best_z = torch.where(improved[:, None], rows.z, rows.best_z)
+
+
+def survives(rows: Rows, finite: Tensor, k: int, retries: int) -> Tensor:
+    """``(n,)`` bool: the row may go on. A non-finite residual ends it unless the solver backs off from it
+    (at most ``retries`` times in a row, never at the start, where there is nothing to go back to)."""
+    if retries == 0 or k == 0:
+        return finite
+    rows.streak = torch.where(finite, 0, rows.streak + 1)
+    return finite | (rows.streak <= retries)
+
+
+def trace_row(
+    res_abs: Tensor, res_rel: Tensor, live: Tensor | None, orig: Tensor, B: int
+) -> tuple[Tensor, Tensor]:
+    """One iteration's ``(B,)`` traces: the working rows' residuals at ``orig``, NaN where not evaluated."""
+    if live is not None:
+        res_abs = torch.where(live, res_abs, math.nan)
+        res_rel = torch.where(live, res_rel, math.nan)
+    full_abs = torch.full((B,), math.nan, dtype=res_abs.dtype, device=res_abs.device)
+    full_rel = full_abs.clone()
+    return full_abs.index_copy_(0, orig, res_abs), full_rel.index_copy_(0, orig, res_rel)

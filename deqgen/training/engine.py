@@ -41,12 +41,13 @@ from deqgen.training.distributed import (
     shard_fsdp2,
     shared_seed,
 )
+from deqgen.training.ema import EMA
 from deqgen.training.lr_schedule import LRSchedule, WDSchedule, apply_schedules, build_schedules, param_groups
 from deqgen.training.metrics import MetricLogger, make_metric_logger, progress_bar
 from deqgen.training.schema import TrainConfig
-from deqgen.training.task import ModelRole, Randomness, StepOutput, Task, TrainResult
+from deqgen.training.task import LoaderOptions, ModelRole, Randomness, StepOutput, Task, TrainResult
 
-__all__ = ["RunLength", "TrainState", "compile_model", "fit", "optimizer_step", "resume_for"]
+__all__ = ["RunLength", "TrainState", "compile_model", "fit", "optimizer_step", "resume_for", "validate"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class TrainState:
         step: optimizer steps done.
         epoch: the current epoch.
         position: optimizer steps done inside the epoch.
+        ema: the moving average of ``model``'s weights (``training.ema_decay``), or None.
     """
 
     model: nn.Module
@@ -86,6 +88,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     position: int = 0
+    ema: EMA | None = None
 
 
 @dataclass
@@ -98,6 +101,7 @@ class _Loop:
     role: ModelRole
     length: RunLength
     dataset: Dataset[Any]
+    validation: Dataset[Any] | None
     sampler: DistributedBatchSampler
     lr_at: LRSchedule
     wd_at: WDSchedule
@@ -143,10 +147,12 @@ def fit(
     resume(state, checkpoints.load(resume_for(cfg, role.role)), dist, metrics_file)
     lr_at, wd_at = build_schedules(cfg.optim, cfg.training.global_batch_size, length.total, length.warmup)
     t_start = time.perf_counter()
-    metrics = make_metric_logger(cfg.logging, dist, out, prefix=f"{role.role}_")
+    metrics = make_metric_logger(cfg.logging, dist, out, prefix=f"{role.role}_",
+                                 run_config=cfg.model_dump(mode="json"))
     bar = progress_bar(length.total, dist, enabled=cfg.logging.progress_bar, desc=role.role, initial=state.step)
     with bar, metrics:  # the metric files are closed even when a step raises
-        loop = _Loop(task, cfg, dist, role, length, dataset, sampler, lr_at, wd_at, checkpoints, metrics, bar)
+        loop = _Loop(task, cfg, dist, role, length, dataset, task.validation_set(), sampler, lr_at, wd_at,
+                     checkpoints, metrics, bar)
         state.wrapped.train()
         while state.step < length.total:
             run_epoch(loop, state)
@@ -172,13 +178,14 @@ def plan_length(cfg: TrainConfig, dist: DistInfo, batches_per_epoch: int, num_sa
     return RunLength(accum, steps_per_epoch, total, warmup)
 
 
-def check_batch_fits(cfg: TrainConfig, num_samples: int) -> None:
-    """Raise before any step when one optimizer step needs more samples than the training set has.
+def check_batch_fits(cfg: TrainConfig, num_samples: int | None) -> None:
+    """Raise before any step when one optimizer step needs more samples than the training set has
+    (nothing to check while ``num_samples`` is unknown: None).
 
     Raises:
         ValueError: names ``training.global_batch_size`` and ``training.micro_batch_size``.
     """
-    if cfg.training.global_batch_size > num_samples:
+    if num_samples is not None and cfg.training.global_batch_size > num_samples:
         raise ValueError(_batch_too_large(cfg, num_samples))
 
 
@@ -192,7 +199,8 @@ def _batch_too_large(cfg: TrainConfig, num_samples: int) -> str:
 
 def build_state(task: Task, cfg: TrainConfig, dist: DistInfo, model: nn.Module, index: int) -> TrainState:
     """Wrap the model (before the optimizer: FSDP2 replaces the parameters by sharded ones), then AdamW,
-    the GradScaler and the random streams."""
+    the GradScaler and the random streams. The EMA copies the plain model first (``training.ema_decay``)."""
+    ema = EMA(model, cfg.training.ema_decay) if cfg.training.ema_decay is not None else None
     compile_model(model, cfg, dist)
     wrapped = wrap(task, model, cfg, dist)
     groups = param_groups(model, cfg.optim.no_weight_decay, cfg.optim.no_weight_decay_1d)
@@ -204,7 +212,7 @@ def build_state(task: Task, cfg: TrainConfig, dist: DistInfo, model: nn.Module, 
     seed = cfg.training.seed
     rng = Randomness(rank=torch.Generator(dist.device).manual_seed(seed_for_rank(seed, dist.rank) + index),
                      shared=torch.Generator().manual_seed(shared_seed(seed) + index))
-    return TrainState(model, wrapped, optimizer, scaler, rng)
+    return TrainState(model, wrapped, optimizer, scaler, rng, ema=ema)
 
 
 def resume(state: TrainState, ckpt: Checkpoint | None, dist: DistInfo, metrics_file: Path) -> None:
@@ -224,6 +232,19 @@ def _load_checkpoint(state: TrainState, ckpt: Checkpoint) -> None:
     state.position = int(ckpt.train_state["position"])
     if ckpt.rng_state is not None:
         restore_rng_state(ckpt.rng_state, _generators(state))
+    if state.ema is not None:
+        _load_ema(state.ema, state.model, ckpt)
+
+
+def _load_ema(ema: EMA, model: nn.Module, ckpt: Checkpoint) -> None:
+    """The checkpoint's EMA, or (saved without one) an average restarted at the loaded weights."""
+    saved = ckpt.train_state.get("ema")
+    if saved:
+        ema.load_state_dict(saved)
+    else:
+        logger.warning("%s has no EMA (saved with training.ema_decay=null); the EMA restarts at its weights",
+                       ckpt.path)
+        ema.copy_from(model)
 
 
 def resume_for(cfg: TrainConfig, role: str) -> str:
@@ -243,8 +264,8 @@ def run_epoch(loop: _Loop, state: TrainState) -> None:
     if hasattr(loop.dataset, "set_epoch"):
         loop.dataset.set_epoch(state.epoch)
     loop.sampler.set_start_batch(state.position * loop.length.accum)
-    data = loop.cfg.data if hasattr(loop.cfg, "data") else None
-    batches = iter(DataLoader(loop.dataset, batch_sampler=loop.sampler, **_loader_options(data, loop.dist)))
+    options = _loader_options(loop.task.loader_options(), loop.dist)
+    batches = iter(DataLoader(loop.dataset, batch_sampler=loop.sampler, **options))
     while state.step < loop.length.total and state.position < loop.length.steps_per_epoch:
         lr, wd = loop.lr_at(state.step), loop.wd_at(state.step)
         apply_schedules(state.optimizer, lr, wd)
@@ -279,6 +300,8 @@ def optimizer_step(
         state.scaler.scale(out.loss / accum).backward()
         _accumulate(sums, out, accum)
     sums["grad_norm"] = _clip_and_step(state, cfg.optim.clip_grad_norm)
+    if state.ema is not None:
+        state.ema.update(state.model)
     return sums
 
 
@@ -300,10 +323,11 @@ def _clip_and_step(state: TrainState, clip: float | None) -> Tensor:
 
 
 def _after_step(loop: _Loop, state: TrainState, values: dict[str, Tensor | float]) -> None:
-    """Log, checkpoint and evaluate when their cadence says so."""
+    """Validate at the end of an epoch; log, checkpoint and evaluate when their cadence says so."""
     cfg = loop.cfg
-    if state.step % cfg.logging.log_every_n_steps == 0 or state.step == loop.length.total:
-        _log_step(loop, state, values)
+    val = _validation_row(loop, state) if state.position == loop.length.steps_per_epoch else {}
+    if val or state.step % cfg.logging.log_every_n_steps == 0 or state.step == loop.length.total:
+        _log_step(loop, state, values, val)
     every = cfg.checkpoint.every_n_steps
     if state.step == loop.length.total or (every is not None and state.step % every == 0):
         save(loop, state)
@@ -311,11 +335,13 @@ def _after_step(loop: _Loop, state: TrainState, values: dict[str, Tensor | float
         _evaluate(loop, state)
 
 
-def _log_step(loop: _Loop, state: TrainState, values: dict[str, Tensor | float]) -> None:
+def _log_step(
+    loop: _Loop, state: TrainState, values: dict[str, Tensor | float], val: dict[str, float]
+) -> None:
     now = time.perf_counter()
     row = all_reduce_mean({k: float(v) for k, v in values.items()}, loop.dist)
     row.update(samples_per_s=loop.window_samples / (now - loop.window_start),
-               peak_mem_gb=peak_memory_bytes(loop.dist.device) / 2**30, epoch=state.epoch)
+               peak_mem_gb=peak_memory_bytes(loop.dist.device) / 2**30, epoch=state.epoch, **val)
     loop.metrics.log(state.step, row)
     loop.bar.set_postfix(loss=f"{row['loss']:.3f}")
     loop.window_start, loop.window_samples = now, 0
@@ -326,6 +352,8 @@ def save(loop: _Loop, state: TrainState) -> None:
     model_state, optim_state = gather_full_state(state.wrapped, state.optimizer)
     train_state = {"optimizer": optim_state, "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else {},
                    "epoch": state.epoch, "position": state.position, "role": loop.role.role}
+    if state.ema is not None and loop.dist.is_main:
+        train_state["ema"] = state.ema.state_dict()
     loop.checkpoints.save(state.step, model_state if loop.dist.is_main else {}, train_state,
                           generators=_generators(state))
 
@@ -336,14 +364,73 @@ def _evaluate(loop: _Loop, state: TrainState) -> None:
     if loop.dist.is_distributed and loop.cfg.distributed.strategy == "fsdp2":
         logger.warning("evaluation.every_n_steps: skipped under FSDP2; evaluate the exported model instead")
     elif loop.dist.is_main:
-        loop.task.evaluate(loop.role, state.model, state.step)
+        loop.task.evaluate(loop.role, state.ema.module if state.ema is not None else state.model, state.step)
     barrier()
     state.wrapped.train()
 
 
+def _validation_row(loop: _Loop, state: TrainState) -> dict[str, float]:
+    """End of an epoch: ``val_*`` of the trained model and, with an EMA, ``val_ema_*`` (empty without a
+    validation set)."""
+    if loop.validation is None:
+        return {}
+    row = validate(loop.task, state.wrapped, loop.validation, loop.cfg, loop.dist)
+    if state.ema is not None:
+        ema_row = validate(loop.task, state.ema.module, loop.validation, loop.cfg, loop.dist)
+        row.update({"val_ema_" + k.removeprefix("val_"): v for k, v in ema_row.items()})
+    return row
+
+
+def validate(
+    task: Task, model: nn.Module, data: Dataset[Any], cfg: TrainConfig, dist: DistInfo
+) -> dict[str, float]:
+    """The mean :meth:`Task.loss` and metrics of ``model`` over ``data``, as ``val_<name>``.
+
+    Eval mode and no gradients; micro-batches of ``training.micro_batch_size``, the items split over the
+    ranks and every value weighted by its batch's size (the result is the mean over all items). The task
+    gets fixed random streams and the global RNGs are restored afterwards, so validating never changes the
+    training's randomness (exact resume holds).
+    """
+    mine = list(range(dist.rank, len(data), dist.world_size))
+    size = cfg.training.micro_batch_size
+    batches = [mine[i:i + size] for i in range(0, len(mine), size)]
+    loader = DataLoader(data, batch_sampler=batches, **_loader_options(task.loader_options(), dist))
+    seed = shared_seed(cfg.training.seed)
+    rng = Randomness(rank=torch.Generator(dist.device).manual_seed(seed),
+                     shared=torch.Generator().manual_seed(seed))
+    autocast = _AUTOCAST[cfg.precision.dtype]
+    sums: dict[str, float] = {}
+    training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []), torch.no_grad():
+        for batch in loader:
+            batch = [t.to(dist.device, non_blocking=True) for t in batch]
+            with torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
+                out = task.loss(model, batch, rng)
+            n = len(batch[0])
+            for name, value in {"loss": out.loss, **out.metrics, "_items": 1.0}.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * n
+    model.train(training)
+    totals = _all_reduce_sum(sums, dist)
+    items = totals.pop("_items")
+    return {f"val_{name}": value / items for name, value in totals.items()}
+
+
+def _all_reduce_sum(values: dict[str, float], dist: DistInfo) -> dict[str, float]:
+    """Sum scalars over ranks (in float64; every rank passes the same keys in the same order)."""
+    import torch.distributed as tdist
+
+    if not (dist.is_distributed and tdist.is_available() and tdist.is_initialized()):
+        return dict(values)
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=dist.device)
+    tdist.all_reduce(t)
+    return dict(zip(values, t.tolist()))
+
+
 def _export(task: Task, role: ModelRole, state: TrainState, dist: DistInfo, out: Path, seconds: float) -> Path:
+    """Rank 0 exports the final weights (the EMA's when there is one) to ``out/<role.name>``."""
     export_dir = out / role.name
-    model_state, _ = gather_full_state(state.wrapped)
+    model_state = state.ema.state_dict() if state.ema is not None else gather_full_state(state.wrapped)[0]
     if dist.is_main:
         task.export(role, model_state, export_dir)
         logger.info("%s: %d steps in %.0f s; exported %s", role.role, state.step, seconds, export_dir)
@@ -355,12 +442,10 @@ def _generators(state: TrainState) -> dict[str, torch.Generator]:
     return {"rank": state.rng.rank, "shared": state.rng.shared}
 
 
-def _loader_options(data: Any, dist: DistInfo) -> dict[str, Any]:
-    """DataLoader workers and pinning from the task's ``data`` section (none: in-process, unpinned)."""
-    if data is None:
-        return {}
-    return {"num_workers": getattr(data, "num_workers", 0),
-            "pin_memory": bool(getattr(data, "pin_memory", False)) and dist.device.type == "cuda"}
+def _loader_options(options: LoaderOptions, dist: DistInfo) -> dict[str, Any]:
+    """DataLoader keyword arguments from the task's :class:`LoaderOptions` (pinning only on CUDA)."""
+    pin = options.pin_memory and dist.device.type == "cuda"
+    return {"num_workers": options.num_workers, "pin_memory": pin}
 
 
 def wrap(task: Task, model: nn.Module, cfg: TrainConfig, dist: DistInfo) -> nn.Module:

@@ -2,7 +2,8 @@
 
 :func:`make_metric_logger` returns a :class:`MetricLogger` that fans ``log(step, metrics)`` out to sinks:
 stdout (through :mod:`logging`), a JSONL file (one JSON object per line, flushed each time) and optionally
-TensorBoard. Ranks other than 0 get a logger with no sinks, so call sites never test the rank. Average
+TensorBoard and Weights & Biases (``logging.wandb``; ``pip install deqgen[logging]``). Ranks other than 0
+get a logger with no sinks, so call sites never test the rank. Average
 values over ranks first (:func:`deqgen.training.distributed.all_reduce_mean`). :func:`progress_bar` gives a tqdm
 bar on a terminal and a no-op otherwise.
 
@@ -33,6 +34,7 @@ __all__ = [
     "NullProgress",
     "StdoutSink",
     "TensorBoardSink",
+    "WandbSink",
     "make_metric_logger",
     "progress_bar",
     "setup_logging",
@@ -130,6 +132,46 @@ class TensorBoardSink:
         self._writer.close()
 
 
+class WandbSink:
+    """Weights & Biases scalars: one ``wandb`` run per model, its files under ``directory`` (imported lazily).
+
+    ``mode="offline"`` writes the run locally (``wandb sync`` uploads it later); ``WANDB_MODE`` in the
+    environment overrides ``mode``, as wandb documents.
+
+    Args:
+        project: the wandb project.
+        mode: ``online``, ``offline`` or ``disabled``.
+        directory: where wandb writes (``out_dir/wandb``).
+        name: the run's name (e.g. ``model``).
+        config: the recipe as a plain dict, stored with the run.
+
+    Raises:
+        ImportError: the ``wandb`` package is missing (the message gives the pip command).
+    """
+
+    def __init__(self, project: str, mode: str, directory: str | Path, name: str,
+                 config: Mapping[str, Any] | None = None) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError("logging.wandb is set but the 'wandb' package is not installed: "
+                              "pip install wandb "
+                              "(or deqgen[logging]), or set logging.wandb=null") from None
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self._run = wandb.init(project=project, mode=mode, dir=str(directory), name=name,
+                               config=dict(config or {}), reinit="create_new")
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Log each finite number in ``metrics`` at ``step``; strings, booleans and NaN/inf are skipped."""
+        values = {k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items())
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self._run.log(values, step=step)
+
+    def close(self) -> None:
+        """Finish the run (offline: its files are complete)."""
+        self._run.finish()
+
+
 class MetricLogger:
     """Fans metrics out to its sinks; with no sinks (non-main ranks) every call is a no-op.
 
@@ -159,7 +201,8 @@ class MetricLogger:
 
 
 def make_metric_logger(
-    logging_cfg: Any, info: DistInfo, out_dir: str | Path | None = None, *, prefix: str = ""
+    logging_cfg: Any, info: DistInfo, out_dir: str | Path | None = None, *, prefix: str = "",
+    run_config: Mapping[str, Any] | None = None,
 ) -> MetricLogger:
     """The sinks a recipe's ``logging`` section asks for, on rank 0 only.
 
@@ -167,7 +210,9 @@ def make_metric_logger(
         logging_cfg: :class:`deqgen.training.schema.LoggingSection` (``jsonl``, ``tensorboard``, ``out_dir``).
         info: this process's :class:`DistInfo`.
         out_dir: where ``{prefix}metrics.jsonl`` and ``tb/`` go (default ``logging_cfg.out_dir``).
-        prefix: names one model's files, e.g. ``"model_"``: ``model_metrics.jsonl`` and ``tb/model``.
+        prefix: names one model's files, e.g. ``"model_"``: ``model_metrics.jsonl``, ``tb/model`` and the
+            wandb run ``model``.
+        run_config: the recipe as a plain dict, stored with the wandb run.
     """
     if not info.is_main:
         return MetricLogger()
@@ -177,6 +222,10 @@ def make_metric_logger(
         sinks.append(JsonlSink(root / f"{prefix}metrics.jsonl"))
     if logging_cfg.tensorboard:
         sinks.append(TensorBoardSink(root / "tb" / prefix.rstrip("_") if prefix else root / "tb"))
+    wandb_cfg = getattr(logging_cfg, "wandb", None)
+    if wandb_cfg is not None:
+        sinks.append(WandbSink(wandb_cfg.project, wandb_cfg.mode, root / "wandb", prefix.rstrip("_") or "run",
+                               run_config))
     return MetricLogger(sinks)
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "Section",
     "TrainConfig",
     "TrainingSection",
+    "WandbSection",
     "config_error",
     "config_reference_markdown",
     "config_to_yaml",
@@ -111,6 +112,12 @@ class TrainingSection(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing (official 0)")
     compile: bool = Field(False, description="torch.compile the model's forward (kernels resolved first); "
                           "a GPU speed option, about 1.0x on CPU")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1,
+        description="keep an EMA of the weights with this decay (e.g. 0.9999); samples and export use it; "
+        "null = off; not with fsdp2")
+    activation_checkpointing: bool = Field(False, description="recompute the explicit blocks' activations in "
+                                           "backward (less memory, more compute); generation task only")
 
 
 class PrecisionSection(Section):
@@ -132,6 +139,14 @@ class DistributedSection(Section):
     timeout_minutes: float = Field(30.0, gt=0, description="collective timeout")
 
 
+class WandbSection(Section):
+    """Weights & Biases run options (``logging.wandb``); the run lives under ``out_dir/wandb``."""
+
+    project: str = Field("deqgen", min_length=1, description="wandb project name")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "offline", description="offline writes the run locally (wandb sync uploads it later)")
+
+
 class LoggingSection(Section):
     """Metric sinks (rank 0 only)."""
 
@@ -139,6 +154,8 @@ class LoggingSection(Section):
     log_every_n_steps: int = Field(50, ge=1, description="metrics cadence")
     jsonl: bool = Field(True, description="write out_dir/metrics.jsonl")
     tensorboard: bool = Field(False, description="write TensorBoard events to out_dir/tb (needs tensorboard)")
+    wandb: WandbSection | None = Field(
+        None, description="also log to Weights & Biases (needs wandb); null = off")
     progress_bar: bool = Field(True, description="tqdm bar when attached to a terminal")
     level: Literal["DEBUG", "INFO", "WARNING"] = Field("INFO", description="stdout logging level on rank 0")
 
@@ -266,6 +283,10 @@ def _run_errors(cfg: TrainConfig, world_size: int, device: str | None) -> list[I
     if t.max_steps is not None and cfg.optim.warmup_steps is not None and cfg.optim.warmup_steps >= t.max_steps:
         out.append(config_error("optim.warmup_steps", cfg.optim.warmup_steps,
                                 f"must be below training.max_steps = {t.max_steps}"))
+    if t.ema_decay is not None and cfg.distributed.strategy == "fsdp2":
+        out.append(config_error("training.ema_decay", t.ema_decay,
+                                "an EMA of FSDP2-sharded weights is not supported: use "
+                                "distributed.strategy=ddp or set training.ema_decay=null"))
     if cfg.precision.dtype == "fp16" and device is not None and not str(device).startswith("cuda"):
         out.append(config_error("precision.dtype", "fp16",
                                 f"fp16 is not supported on device {device!r}; use bf16 or fp32"))

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from deqgen.training.distributed import DistInfo
 from deqgen.training.schema import TrainConfig
 
-__all__ = ["ModelRole", "Randomness", "StepOutput", "Task", "TrainResult"]
+__all__ = ["LoaderOptions", "ModelRole", "Randomness", "StepOutput", "Task", "TaskDefaults", "TrainResult"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,19 @@ class StepOutput:
     metrics: dict[str, Tensor | float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LoaderOptions:
+    """DataLoader settings of a task's training (and validation) batches.
+
+    Attributes:
+        num_workers: worker processes (0: load in the training process).
+        pin_memory: page-locked host batches (honoured on CUDA only).
+    """
+
+    num_workers: int = 0
+    pin_memory: bool = False
+
+
 @dataclass
 class TrainResult:
     """What one model's training left behind.
@@ -95,6 +108,9 @@ class Task(Protocol):
     #: The pydantic config class of this task's recipes (a :class:`TrainConfig` subclass).
     config_class: ClassVar[type[TrainConfig]]
 
+    #: Whether :meth:`build_model` honours ``training.activation_checkpointing``.
+    supports_activation_checkpointing: ClassVar[bool]
+
     @classmethod
     def setup(cls, cfg: Any, dist: DistInfo, out_dir: Path) -> Task:
         """Prepare what every model of the run shares (data, a frozen tokenizer, ...); every rank calls it."""
@@ -117,6 +133,21 @@ class Task(Protocol):
         """The training set; items are tuples of tensors, collated into the batches :meth:`loss` receives."""
         ...
 
+    @classmethod
+    def dataset_size(cls, cfg: Any) -> int | None:
+        """The training set's length, known from ``cfg`` alone (before :meth:`setup` writes anything), so a
+        global batch larger than the data is refused first; None when only :meth:`setup` can tell."""
+        ...
+
+    def validation_set(self) -> Dataset[Any] | None:
+        """Held-out items shaped like :meth:`dataset`'s; the engine logs their mean :meth:`loss` and metrics
+        (``val_*``) at the end of every epoch. None: no validation."""
+        ...
+
+    def loader_options(self) -> LoaderOptions:
+        """DataLoader workers and pinning for :meth:`dataset` and :meth:`validation_set`."""
+        ...
+
     def shard_units(self, model: nn.Module) -> list[nn.Module]:
         """The submodules FSDP2 shards one by one before the root (e.g. the transformer blocks)."""
         ...
@@ -136,3 +167,23 @@ class Task(Protocol):
     def summarize(self, results: Sequence[TrainResult]) -> None:
         """Rank 0, after training: samples or predictions, plots and a ``metrics.json`` in the run directory."""
         ...
+
+
+class TaskDefaults:
+    """Base class of the tasks: the defaults of the optional :class:`Task` hooks (no size known before
+    setup, no validation set, in-process unpinned loading, no activation checkpointing)."""
+
+    supports_activation_checkpointing: ClassVar[bool] = False
+
+    @classmethod
+    def dataset_size(cls, cfg: Any) -> int | None:
+        """Unknown before :meth:`Task.setup` (the engine checks the batch against the data after it)."""
+        return None
+
+    def validation_set(self) -> Dataset[Any] | None:
+        """No held-out set: no ``val_*`` metrics."""
+        return None
+
+    def loader_options(self) -> LoaderOptions:
+        """No worker processes, no pinning."""
+        return LoaderOptions()

@@ -26,7 +26,7 @@ from deqgen.training.engine import check_batch_fits, fit
 from deqgen.training.metrics import setup_logging
 from deqgen.training.rundir import open_run_dir
 from deqgen.training.schema import TrainConfig, config_to_yaml
-from deqgen.training.task import TrainResult
+from deqgen.training.task import Task, TrainResult
 
 __all__ = ["main", "run"]
 
@@ -60,17 +60,22 @@ def run(cfg: TrainConfig, dist: DistInfo | None = None, *, overwrite: bool = Fal
         deqgen.training.checkpoint.CheckpointError: ``checkpoint.resume`` names a missing or damaged
             checkpoint (checked before anything is written).
         deqgen.training.checkpoint.CheckpointConfigMismatch: the checkpoint was trained with another model.
-        ValueError: a warmup as long as the run, or a batch larger than the data.
+        ValueError: a warmup as long as the run, a batch larger than the data (both before anything is
+            written when the task knows its data's size from the config), or
+            ``training.activation_checkpointing`` for a task without it.
     """
     dist = dist or DistInfo()
     out = Path(cfg.logging.out_dir)
+    task_class = tasks.get(cfg.task)
+    check_task_options(cfg, task_class)
+    check_batch_fits(cfg, task_class.dataset_size(cfg))  # before the run directory is touched
     verify_explicit_resume(cfg, dist)
     with open_run_dir(cfg, dist, check_config_compatible, overwrite=overwrite):
         write_config(cfg, dist, out)
         setup_logging(dist, cfg.logging.level, out / "train.log")
         seed_everything(seed_for_rank(cfg.training.seed, dist.rank))
         set_matmul_precision(cfg, dist)
-        task = tasks.get(cfg.task).setup(cfg, dist, out)
+        task = task_class.setup(cfg, dist, out)
         check_batch_fits(cfg, len(task.dataset()))  # before any model trains
         results = [fit(task, cfg, dist, out, role, i, check_config_compatible)
                    for i, role in enumerate(task.roles())]
@@ -78,6 +83,17 @@ def run(cfg: TrainConfig, dist: DistInfo | None = None, *, overwrite: bool = Fal
             task.summarize(results)
         barrier()
     return results
+
+
+def check_task_options(cfg: TrainConfig, task_class: type[Task]) -> None:
+    """Refuse engine options the recipe's task cannot honour.
+
+    Raises:
+        ValueError: ``training.activation_checkpointing`` for a task without it.
+    """
+    if cfg.training.activation_checkpointing and not task_class.supports_activation_checkpointing:
+        raise ValueError(f"training.activation_checkpointing=true: task {cfg.task!r} does not support it; "
+                         "set training.activation_checkpointing=false")
 
 
 def verify_explicit_resume(cfg: TrainConfig, dist: DistInfo) -> None:

@@ -29,7 +29,7 @@ from deqgen.images import save_grid
 from deqgen.models.mdeq import PRESETS, MDEQConfig, build_classifier
 from deqgen.training.distributed import DistInfo
 from deqgen.training.schema import Section, TrainConfig
-from deqgen.training.task import ModelRole, Randomness, StepOutput, TrainResult
+from deqgen.training.task import ModelRole, Randomness, StepOutput, TaskDefaults, TrainResult
 from deqgen.training.tasks.deq_options import (
     DEQSection,
     build_gradient,
@@ -65,7 +65,7 @@ class ClassificationConfig(TrainConfig):
     data: DigitsSection = Field(default_factory=DigitsSection, description="the digits")
 
 
-class ClassificationTask:
+class ClassificationTask(TaskDefaults):
     """An MDEQ (and its explicit twin) on digits; see the module docstring."""
 
     config_class: ClassVar[type[TrainConfig]] = ClassificationConfig

@@ -33,7 +33,7 @@ from deqgen.images import save_grid
 from deqgen.models.inr import PRESETS, INRConfig, build_inr, pixel_grid
 from deqgen.training.distributed import DistInfo
 from deqgen.training.schema import Section, TrainConfig
-from deqgen.training.task import ModelRole, Randomness, StepOutput, TrainResult
+from deqgen.training.task import ModelRole, Randomness, StepOutput, TaskDefaults, TrainResult
 from deqgen.training.tasks.deq_options import (
     DEQSection,
     build_gradient,
@@ -88,7 +88,7 @@ def psnr(mse: Tensor | float) -> float:
     return -10.0 * math.log10(max(float(mse), 1e-12))
 
 
-class INRTask:
+class INRTask(TaskDefaults):
     """A DEQ INR (and its explicit twin) fitted to one photograph; see the module docstring."""
 
     config_class: ClassVar[type[TrainConfig]] = INRTaskConfig

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -9,7 +11,7 @@ import torch
 from deqgen.data.digits import DigitsData, load_digits, split
 from deqgen.data.image_folder import ImageFolder
 
-__all__ = ["digit_splits", "image_folder"]
+__all__ = ["digit_splits", "image_folder", "pretokenized_size"]
 
 
 def digit_splits(cfg: Any) -> tuple[DigitsData, ...]:
@@ -38,3 +40,13 @@ def image_folder(cfg: Any, split_name: str = "train", *, random_crop: bool | Non
     return ImageFolder(d.root / split_name, image_size=d.image_size, resize_shorter_side=d.resize_shorter_side,
                        interpolation=d.interpolation, random_crop=d.random_crop if random_crop is None else random_crop,
                        hflip=d.hflip, seed=cfg.training.seed)
+
+
+def pretokenized_size(path: str | Path) -> int | None:
+    """The item count in a ``deqgen pretokenize`` folder's ``meta.json`` (``num_samples``; written by
+    :func:`~deqgen.training.tasks.generation.tokens.write_pretokenized`), or None when it is unreadable
+    (the dataset itself then reports the problem)."""
+    try:
+        return int(json.loads((Path(path) / "meta.json").read_text())["num_samples"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -20,13 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
+from deqgen.models.viar.blocks import AdaLNBlock
 from deqgen.models.viar.convert import CheckpointError, save_converted
 from deqgen.models.viar.model import NextScaleTransformer, build_model
 from deqgen.models.viar.vqvae import MultiScaleVQVAE, VQVAEConfig
 from deqgen.training.distributed import DistInfo, barrier, shared_seed
 from deqgen.training.metrics import progress_bar
-from deqgen.training.task import ModelRole, Randomness, StepOutput, TrainResult
+from deqgen.training.task import LoaderOptions, ModelRole, Randomness, StepOutput, TaskDefaults, TrainResult
 from deqgen.training.tasks.generation import summary
+from deqgen.training.tasks.generation.checkpointing import checkpoint_explicit_blocks
 from deqgen.training.tasks.generation.config import (
     GenerationConfig,
     build_gradient,
@@ -34,7 +36,7 @@ from deqgen.training.tasks.generation.config import (
     tokenizer_config,
     transformer_config,
 )
-from deqgen.training.tasks.generation.data import digit_splits, image_folder
+from deqgen.training.tasks.generation.data import digit_splits, image_folder, pretokenized_size
 from deqgen.training.tasks.generation.tokens import (
     PretokenizedDataset,
     load_tokenizer,
@@ -52,25 +54,44 @@ _TRAINING_ONLY = frozenset({"drop_path_rate", "dropout", "cond_drop_prob", "init
                             "init_head", "norm_eps", "train_no_grad", "train_with_grad", "eval_iterations"})
 
 
-class GenerationTask:
+class GenerationTask(TaskDefaults):
     """VIAR (and a VAR baseline) on VQVAE token pyramids; the first task of :mod:`deqgen.training.tasks`."""
 
     config_class: ClassVar[type[GenerationConfig]] = GenerationConfig
+    supports_activation_checkpointing: ClassVar[bool] = True
 
     def __init__(self, cfg: GenerationConfig, dist: DistInfo, out_dir: Path, vae: MultiScaleVQVAE,
-                 data: Dataset[Any]) -> None:
+                 data: Dataset[Any], validation: Dataset[Any] | None = None) -> None:
         self.cfg, self.dist, self.out_dir, self.vae, self.data = cfg, dist, out_dir, vae, data
+        self.validation = validation
 
     @classmethod
     def setup(cls, cfg: GenerationConfig, dist: DistInfo, out_dir: Path) -> GenerationTask:
-        """The frozen tokenizer and the training set: ``(idx (L,), label)`` rows, or ``(image, label)`` rows."""
+        """The frozen tokenizer, the training set (``(idx (L,), label)`` or ``(image, label)`` rows) and,
+        for digits with ``data.val_fraction > 0``, the held-out digits as token rows."""
         images = labels = None
-        if cfg.data.kind == "digits" and cfg.data.pretokenized is None:
-            train = digit_splits(cfg)[0]
+        splits = digit_splits(cfg) if cfg.data.kind == "digits" else ()
+        if splits and cfg.data.pretokenized is None:
+            train = splits[0]
             images, labels = train.images, train.labels
             logger.info("data: %d training digits (%s, %d px)", len(train), train.source, cfg.data.image_size)
         vae = _tokenizer(cfg, dist, out_dir, images).to(dist.device)
-        return cls(cfg, dist, out_dir, vae, _dataset(cfg, dist, vae, images, labels))
+        validation = None
+        if len(splits) > 1:
+            held = splits[1]
+            validation = TensorDataset(tokenize(vae, held.images.to(dist.device)).cpu(), held.labels)
+            logger.info("data: %d held-out digits for validation", len(held))
+        return cls(cfg, dist, out_dir, vae, _dataset(cfg, dist, vae, images, labels), validation)
+
+    @classmethod
+    def dataset_size(cls, cfg: GenerationConfig) -> int | None:
+        """Training items, from the config alone: the pre-tokenized folder's count, the digits' training
+        split or the images under ``data.root/train`` (None: a pre-tokenized folder without its metadata)."""
+        if cfg.data.pretokenized is not None:
+            return pretokenized_size(cfg.data.pretokenized)
+        if cfg.data.kind == "digits":
+            return len(digit_splits(cfg)[0])
+        return len(image_folder(cfg, "train"))
 
     @staticmethod
     def config_differences(saved: GenerationConfig, current: GenerationConfig) -> list[str]:
@@ -95,17 +116,30 @@ class GenerationTask:
         """The role's :class:`NextScaleTransformer` with the recipe's gradient method and solvers."""
         section = self._section(role)
         train_solver, eval_solver = build_solvers(self.cfg) if section.implicit is not None else (None, None)
-        return build_model(transformer_config(section), gradient=build_gradient(self.cfg, section),
-                           train_solver=train_solver, eval_solver=eval_solver,
-                           attention_backend=self.cfg.attention.backend, generator=generator)
+        model = build_model(transformer_config(section), gradient=build_gradient(self.cfg, section),
+                            train_solver=train_solver, eval_solver=eval_solver,
+                            attention_backend=self.cfg.attention.backend, generator=generator)
+        if self.cfg.training.activation_checkpointing:
+            count = checkpoint_explicit_blocks(model)
+            logger.info("training.activation_checkpointing: %d explicit blocks of %s recompute in backward",
+                        count, role.role)
+        return model
 
     def dataset(self) -> Dataset[Any]:
         """Token pyramids ``(idx (L,), label)`` or images ``(image (C, H, W), label)``."""
         return self.data
 
+    def validation_set(self) -> Dataset[Any] | None:
+        """The held-out digits' token pyramids (``data.val_fraction > 0``), else None."""
+        return self.validation
+
+    def loader_options(self) -> LoaderOptions:
+        """``data.num_workers`` and ``data.pin_memory``."""
+        return LoaderOptions(num_workers=self.cfg.data.num_workers, pin_memory=self.cfg.data.pin_memory)
+
     def shard_units(self, model: nn.Module) -> list[nn.Module]:
         """The AdaLN transformer blocks."""
-        return [m for m in model.modules() if type(m).__name__ == "AdaLNBlock"]
+        return [m for m in model.modules() if isinstance(m, AdaLNBlock)]
 
     def loss(self, model: nn.Module, batch: Sequence[Tensor], rng: Randomness) -> StepOutput:
         """Teacher-forced cross-entropy over every token of the pyramid, token accuracy and S-JFB's counts."""

@@ -40,7 +40,9 @@ __all__ = [
     "from_pretrained",
     "is_conversion",
     "load_converted",
+    "model_card",
     "save_converted",
+    "write_safetensors",
 ]
 
 logger = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
     python benchmarks/solver_table.py                 # all problems, tol 1e-4 and 1e-6 (~5 min on 2 cores)
     python benchmarks/solver_table.py --problems P1 P3 --rounds 3
 
-Protocol: deq_facts.md section 5 (float32, one thread, z0 = 0, relative stopping; torchdeq with its defaults).
+Protocol (also in docs/benchmarks.md): (float32, one thread, z0 = 0, relative stopping; torchdeq with its defaults).
 For each problem and tolerance, every (library, solver) pair runs once to warm up, then ``--rounds`` interleaved
 rounds (each pair once per round); the median is reported. ``nfe`` is rows evaluated / B (deqgen stops
 evaluating converged rows), ``calls`` the number of f calls, ``conv`` the fraction of rows whose residual,

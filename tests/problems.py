@@ -1,7 +1,7 @@
 """The problem bank shared by the tests and the benchmarks.
 
 Four families, each built in float64 from seeded generators and then cast, so every dtype solves the same
-problem. At their benchmark sizes they are P1-P4 of ``shared/docs/deq_facts.md`` (section 5), the problems on
+problem. At their benchmark sizes they are P1-P4 of the solver benchmark (``docs/benchmarks.md``), the problems on
 which torchdeq's figures were measured:
 
 * ``linear``: ``f(z) = z A^T + b`` with ``||A||_2 = 0.9``; exact ``z* = (I - A)^{-1} b`` (P1: B=64, D=512).
@@ -139,7 +139,7 @@ BENCHMARKS: dict[str, Callable[[torch.dtype], BankProblem]] = {
     "P3": lambda dt: mixed(dtype=dt),
     "P4": lambda dt: attention(dtype=dt),
 }
-"""deq_facts.md section 5 problems at their benchmark sizes."""
+"""The P1-P4 problems of docs/benchmarks.md at their benchmark sizes."""
 
 
 def benchmark_problem(name: str, dtype: torch.dtype = torch.float32) -> BankProblem:

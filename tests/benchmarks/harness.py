@@ -1,6 +1,6 @@
 """Shared by the pytest-benchmark tests and ``benchmarks/solver_table.py``: deqgen vs torchdeq on P1-P4.
 
-Protocol (deq_facts.md section 5): float32, ``torch.set_num_threads(1)``, ``torch.no_grad()``, z0 = 0, relative
+Protocol (docs/benchmarks.md): float32, ``torch.set_num_threads(1)``, ``torch.no_grad()``, z0 = 0, relative
 stopping, max_iter 100 (P3: 200); torchdeq's solvers with their library defaults (Anderson m=6, lam=1e-4;
 Broyden without line search, memory = max_iter). deqgen's solvers run with their defaults and, since every
 bank problem is batch-separable, ``separable=True`` (converged rows are not evaluated again). The residual

@@ -1,4 +1,4 @@
-"""pytest-benchmark: every deqgen solver next to the matching torchdeq solver on P1-P4 (deq_facts.md section 5).
+"""pytest-benchmark: every deqgen solver next to the matching torchdeq solver on P1-P4 (the protocol in docs/benchmarks.md).
 
 Skipped in the default run. Run the timings with::
 

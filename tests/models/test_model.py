@@ -13,7 +13,7 @@ from deqgen.gradients import JFB, SJFB
 from deqgen.models.viar.config import PRESETS, ImplicitSpec, TransformerConfig, preset
 from deqgen.models.viar.model import build_model
 
-# Official parameter counts (viar_facts.md section 6, obtained by running the official classes).
+# Official parameter counts (obtained by running the official classes of FoundationVision/VAR and mobiushy/VIAR).
 OFFICIAL_COUNTS = {
     "var_d16": 310_283_520,
     "var_d20": 600_917_136,
@@ -55,7 +55,7 @@ def test_presets_have_expected_shapes() -> None:
         preset("viar_d31")
 
 
-# ---- an independent reference forward, written from the formulas in viar_facts.md ----------------------
+# ---- an independent reference forward, written from the official VAR/VIAR code's formulas ----------------------
 
 
 def _ref_block(P: dict, pre: str, x, cond, mask, C: int, H: int):

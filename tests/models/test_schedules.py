@@ -24,7 +24,7 @@ from deqgen.models.viar.schedules import (
     parse_schedule,
 )
 
-# viar_facts.md section 5, from running the official code (numpy linspace over 10 scales, cast to int).
+# From running the official VIAR code (mobiushy/VIAR) (numpy linspace over 10 scales, cast to int).
 OFFICIAL = {
     (10, 10): [10] * 10,
     (10, 5): [10, 9, 8, 8, 7, 7, 6, 6, 5, 5],

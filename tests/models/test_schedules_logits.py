@@ -12,7 +12,7 @@ from deqgen import Anderson, Picard
 from deqgen.models.viar.logits import apply_cfg, cfg_ramp, per_sample_generators, sample_tokens, top_k_top_p_filter
 from deqgen.models.viar.schedules import Adaptive, Constant, Explicit, Linear, parse_schedule
 
-# viar_facts.md section 5, from running the official code (numpy linspace cast to int).
+# From running the official VIAR code (mobiushy/VIAR) (numpy linspace cast to int).
 OFFICIAL = {(10, 10): [10] * 10, (10, 5): [10, 9, 8, 8, 7, 7, 6, 6, 5, 5], (6, 1): [6, 5, 4, 4, 3, 3, 2, 2, 1, 1],
             (10, 1): list(range(10, 0, -1)), (1, 10): list(range(1, 11))}
 

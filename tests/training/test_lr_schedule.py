@@ -1,4 +1,4 @@
-"""lr / wd schedules against the official VIAR-d30 figures (viar_facts.md section 7), and AdamW groups."""
+"""lr / wd schedules against the official VIAR-d30 figures (from the official VIAR training script, mobiushy/VIAR), and AdamW groups."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""A short solver demo: ``python -m recipes.solver_demo`` prints a table (the README's main job until the CPU
-recipe lands).
+"""A short solver demo: ``python recipes/solver_demo.py`` prints a table (the README's main job is
+``deqgen demo recipes/mnist_cpu.yaml``; this script is a first look at the solvers alone).
 
 It solves three batched fixed-point problems with Picard, Anderson and Broyden and reports, per solver, the
 status counts, the per-sample NFE range, the effective NFE of the batch (rows evaluated / B; below the

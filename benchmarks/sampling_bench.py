@@ -6,6 +6,7 @@ on (2B rows), each configuration in a fresh process (peak RSS is per process). P
 writes a PNG plot.
 
     python benchmarks/sampling_bench.py --width 256 --batch 4 --out docs/_static/sampling_bench.png
+    python benchmarks/sampling_bench.py --count-ops   # ops per sampled batch, dynamo graph breaks
 """
 
 from __future__ import annotations
@@ -69,6 +70,52 @@ def _one(kind: str, schedule: str | None, cache: str, width: int, batch: int, re
     }
 
 
+def count_ops() -> None:
+    """Print the aten ops dispatched per sampled batch (batch 1 and 16) and the dynamo graph/break counts of
+    the teacher-forced forward, for ``var_tiny`` and ``viar_tiny`` (tiny tokenizer, CFG on, top-k/top-p)."""
+    import warnings
+
+    import torch
+    import torch._dynamo as dynamo
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from deqgen.models.viar.model import build_model
+    from deqgen.models.viar.sampling import generate
+    from deqgen.models.viar.vqvae import VQVAE_PRESETS, MultiScaleVQVAE
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.total += 1
+            return func(*args, **(kwargs or {}))
+
+    vae = MultiScaleVQVAE(VQVAE_PRESETS["vae_tiny"]).eval()
+    vae.init_weights(torch.Generator().manual_seed(0))
+    print("| model | ops per batch, B=1 | B=16 | ratio | eval forward graphs / breaks | train forward |")
+    print("|---|---:|---:|---:|---|---|")
+    for name in ("var_tiny", "viar_tiny"):
+        m = build_model(name, generator=torch.Generator().manual_seed(0)).eval()
+        ops = {}
+        for B in (1, 16):
+            labels = torch.arange(B) % m.num_classes
+            generate(m, vae, labels, cfg=1.5, top_k=20, top_p=0.9, seed=0)
+            with Count() as c:
+                generate(m, vae, labels, cfg=1.5, top_k=20, top_p=0.9, seed=0)
+            ops[B] = c.total
+        feats = torch.randn(4, m.cfg.seq_len - m.cfg.patch_nums[0] ** 2, m.cfg.z_channels)
+        graphs = []
+        for train in (False, True):
+            m.train(train)
+            dynamo.reset()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ex = dynamo.explain(lambda lab, f: m(lab, f, generator=torch.Generator().manual_seed(0))[0])(
+                    torch.arange(4) % m.num_classes, feats)
+            graphs.append(f"{ex.graph_count} / {ex.graph_break_count}")
+        print(f"| {name} | {ops[1]} | {ops[16]} | {ops[16] / ops[1]:.2f} | {graphs[0]} | {graphs[1]} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=int, default=256)
@@ -77,8 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="PNG plot path")
     ap.add_argument("--only", nargs="+", type=int, default=None, metavar="ROW",
                     help="run only these rows of the table (0 = VAR, always included), e.g. --only 2 4")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="print dispatched-op counts per sampled batch and dynamo graph breaks, then exit")
     ap.add_argument("--child", nargs=3, metavar=("KIND", "SCHEDULE", "CACHE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.count_ops:
+        count_ops()
+        return 0
     if args.child:
         kind, schedule, cache = args.child
         print(json.dumps(_one(kind, None if schedule == "-" else schedule, cache, args.width, args.batch, args.repeats)))

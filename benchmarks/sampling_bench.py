@@ -110,7 +110,7 @@ def count_ops() -> None:
             dynamo.reset()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ex = dynamo.explain(lambda lab, f: m(lab, f, generator=torch.Generator().manual_seed(0))[0])(
+                ex = dynamo.explain(lambda lab, f, m=m: m(lab, f, generator=torch.Generator().manual_seed(0))[0])(
                     torch.arange(4) % m.num_classes, feats)
             graphs.append(f"{ex.graph_count} / {ex.graph_break_count}")
         print(f"| {name} | {ops[1]} | {ops[16]} | {ops[16] / ops[1]:.2f} | {graphs[0]} | {graphs[1]} |")

@@ -210,6 +210,9 @@ def test_slim_loading_accepts_the_pickled_args_object(  # type: ignore[no-untype
     assert set(read_official(slim)) == set(sd)  # the slim file needs no allow-list
     out = convert_checkpoint(slim, tmp_path / "out", patch_nums=TINY_PN)
     assert is_conversion(out)
+    direct = convert_checkpoint(path, tmp_path / "direct", patch_nums=TINY_PN, allow_args=True, licence="MIT")
+    assert "| licence | MIT |" in (direct / "README.md").read_text()
+    assert load_converted(direct).cfg == load_converted(out).cfg
 
 
 class _Payload:

@@ -411,6 +411,8 @@ def convert_checkpoint(
     *,
     kind: Kind = "auto",
     patch_nums: tuple[int, ...] | None = None,
+    allow_args: bool = False,
+    licence: str | None = None,
 ) -> Path:
     """Read an official ``.pth`` and write a deqgen checkpoint directory (see the module docstring).
 
@@ -419,11 +421,14 @@ def convert_checkpoint(
         dst: output directory (``model.safetensors`` + ``config.json``), written atomically.
         kind: ``"auto"`` reads it from the keys.
         patch_nums: the token pyramid, if not the 256-px one.
+        allow_args: accept an official training checkpoint that pickles its args object (see
+            :func:`read_official`); what ``deqgen convert --slim`` passes.
+        licence: the weights' licence, written into the model card.
 
     Returns:
         ``dst``. Nothing is written when the checkpoint does not match.
     """
-    sd = read_official(src)
+    sd = read_official(src, allow_args=allow_args)
     detected = _detect(sd)
     if kind != "auto" and kind != detected:
         raise CheckpointError(f"{src}: asked for kind={kind!r} but the keys say {detected!r}")
@@ -431,4 +436,4 @@ def convert_checkpoint(
         out, cfg = convert_vqvae(sd, patch_nums=patch_nums, src=str(src))
     else:
         out, cfg = convert_transformer(sd, patch_nums=patch_nums, src=str(src))
-    return save_converted(dst, out, detected, cfg, source=Path(src).name)
+    return save_converted(dst, out, detected, cfg, source=Path(src).name, licence=licence)

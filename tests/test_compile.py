@@ -57,11 +57,6 @@ def test_one_implicit_iteration_is_one_graph() -> None:
     assert (ex.graph_count, ex.graph_break_count) == (1, 0), _reasons(ex)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the solver loop reads a CPU flag with .item() (deqgen.solvers.numerics.known_false); "
-    "it traces whole once that helper answers False while torch.compiler.is_compiling()",
-)
 def test_viar_teacher_forced_forward_with_a_fixed_budget_is_one_graph() -> None:
     m = _model("viar_tiny")
     m.trunk.implicit.eval_solver = Picard(tol=None, max_iter=3)

@@ -56,8 +56,8 @@ def _rescaled(v: Tensor, n: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _known_in_range(n: Tensor, dtype: torch.dtype) -> bool:
     """True when no plain l2 norm in ``n`` needs :func:`_rescaled` (none infinite, none tiny), decided in one
-    pass on CPU; False ("not known") on other devices or when a norm is NaN."""
-    if n.device.type != "cpu":
+    pass on CPU; False ("not known") on other devices, while ``torch.compile`` traces, or when a norm is NaN."""
+    if n.device.type != "cpu" or torch.compiler.is_compiling():
         return False
     info = torch.finfo(dtype)
     lo, hi = torch.aminmax(n)
@@ -96,16 +96,20 @@ def known_false(mask: Tensor) -> bool:
     """True when ``mask`` is certainly all False, decided without an accelerator sync.
 
     On CPU the answer is read (a host read costs nothing there), which lets callers skip ``torch.where``
-    passes that CPU kernels make expensive. On other devices it returns False ("not known"), and callers take
-    the general, sync-free path.
+    passes that CPU kernels make expensive. On other devices, and while ``torch.compile`` traces (a host read
+    would break the graph), it returns False ("not known"), and callers take the general, sync-free path.
     """
-    return mask.device.type == "cpu" and not bool(mask.any())
+    if mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return not bool(mask.any())
 
 
 def known_true(mask: Tensor) -> bool:
     """True when ``mask`` is certainly all True, decided without an accelerator sync (as
     :func:`known_false`)."""
-    return mask.device.type == "cpu" and bool(mask.all())
+    if mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return bool(mask.all())
 
 
 def rowdot(A: Tensor, v: Tensor) -> Tensor:

@@ -96,6 +96,8 @@ class Outputs:
             self.nfe.index_copy_(0, at, nfe)
 
     def stats(self, iterations: int, rows_evaluated: int, traces: list[tuple[Tensor, Tensor]]) -> SolverStats:
+        """The per-sample statistics of the finished solve; ``traces`` (one ``(abs, rel)`` pair of ``(B,)``
+        rows per iteration) are stacked into ``(K, B)`` traces when recorded."""
         return SolverStats(
             status=self.status,
             nfe=self.nfe,

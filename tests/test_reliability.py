@@ -377,6 +377,27 @@ def test_convert_report_pretokenize_and_train_wrong_kinds(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+
+def test_convert_never_deletes_the_users_files_and_converts_into_dot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 17.1 through the command line: a destination holding other files is refused and left as it was;
+    an empty folder given as ``.`` and a previous conversion are written."""
+    src = str(Path(__file__).parent / "data" / "var_vqvae_tiny.pt")
+    pyramid = ["--patch-nums", "1", "2", "3", "4"]
+    mine = tmp_path / "my_models"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["convert", src, str(mine), *pyramid]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["convert", src, ".", *pyramid]) == 0
+    assert main(["convert", src, ".", *pyramid]) == 0  # over its own previous conversion
+    assert sorted(p.name for p in here.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
 # ---- tiny trainings: the metrics log, the batch/dataset check, a full disk ---------------------------------
 
 @pytest.fixture(scope="module")

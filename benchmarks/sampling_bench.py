@@ -50,12 +50,13 @@ def _one(kind: str, schedule: str | None, cache: str, width: int, batch: int, re
     warm = cache.endswith("+warm")
     cache = cache.removesuffix("+warm")
     kw = {"warm_start": True} if warm else {}
-    generate(model, vae, labels, schedule=schedule, cfg=1.5, top_k=900, top_p=0.96, seed=0, cache=cache, **kw)  # warm
+    generate(model, vae, labels, schedule=schedule, cfg_scale=1.5, top_k=900, top_p=0.96, seed=0,
+             cache=cache, **kw)  # warm
     times, cpu_times, res = [], [], None
     for r in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
-        res = generate(model, vae, labels, schedule=schedule, cfg=1.5, top_k=900, top_p=0.96, seed=r, cache=cache,
-                       **kw)
+        res = generate(model, vae, labels, schedule=schedule, cfg_scale=1.5, top_k=900, top_p=0.96, seed=r,
+                       cache=cache, **kw)
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)  # CPU seconds: less sensitive to other jobs on the box
     assert res is not None
@@ -99,9 +100,9 @@ def count_ops() -> None:
         ops = {}
         for B in (1, 16):
             labels = torch.arange(B) % m.num_classes
-            generate(m, vae, labels, cfg=1.5, top_k=20, top_p=0.9, seed=0)
+            generate(m, vae, labels, cfg_scale=1.5, top_k=20, top_p=0.9, seed=0)
             with Count() as c:
-                generate(m, vae, labels, cfg=1.5, top_k=20, top_p=0.9, seed=0)
+                generate(m, vae, labels, cfg_scale=1.5, top_k=20, top_p=0.9, seed=0)
             ops[B] = c.total
         feats = torch.randn(4, m.cfg.seq_len - m.cfg.patch_nums[0] ** 2, m.cfg.z_channels)
         graphs = []

@@ -529,8 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "compile", False):
             _compile_for_sampling(model, device, args.dtype)
         solver = build_solver(args.solver) if args.solver else None
-        kw = {"schedule": args.schedule, "cfg": args.cfg_scale, "top_k": args.top_k, "top_p": args.top_p,
-              "solver": solver, "batch_size": args.batch_size, "seed": args.seed}
+        kw = {"schedule": args.schedule, "cfg_scale": args.cfg_scale, "top_k": args.top_k,
+              "top_p": args.top_p, "solver": solver, "batch_size": args.batch_size, "seed": args.seed}
         if args.cmd == "sample":
             labels = torch.tensor(args.classes).repeat_interleave(args.per_class)
             with _autocast(device, args.dtype):

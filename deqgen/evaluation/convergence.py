@@ -78,7 +78,7 @@ def convergence_curves(
         labels: ``(B,)`` int64.
         iterations: ``K``, map evaluations per scale.
         cache, top_k, top_p, seed: as :func:`~deqgen.models.viar.sampling.generate`.
-        cfg_scale: the classifier-free guidance scale (``generate``'s ``cfg``).
+        cfg_scale: the classifier-free guidance scale (``generate``'s ``cfg_scale``).
 
     Returns:
         One :class:`ConvergenceCurve` per scale.
@@ -94,8 +94,8 @@ def convergence_curves(
 
     handle = trunk.map.register_forward_hook(hook)
     try:
-        res = generate(model, vqvae, labels, schedule=f"constant:{iterations}", cfg=cfg_scale, top_k=top_k,
-                       top_p=top_p, seed=seed, cache=cache)
+        res = generate(model, vqvae, labels, schedule=f"constant:{iterations}", cfg_scale=cfg_scale,
+                       top_k=top_k, top_p=top_p, seed=seed, cache=cache)
     finally:
         handle.remove()
     B = labels.numel()

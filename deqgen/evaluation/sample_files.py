@@ -243,9 +243,9 @@ def sample_shards(
     logger.info("rank %d/%d: %d of %d shards to sample (%d samples each)", rank, world_size, len(pending),
                 len(writer.chunks()), spec.batch_size)
     for chunk in _progress(pending, progress):
-        res = generate(model, vqvae, spec.labels(chunk).to(device), schedule=spec.schedule, cfg=spec.cfg_scale,
-                       top_k=spec.top_k, top_p=spec.top_p, seed=spec.seed, sample_offset=chunk.start,
-                       cache=spec.cache, warm_start=spec.warm_start)
+        res = generate(model, vqvae, spec.labels(chunk).to(device), schedule=spec.schedule,
+                       cfg_scale=spec.cfg_scale, top_k=spec.top_k, top_p=spec.top_p, seed=spec.seed,
+                       sample_offset=chunk.start, cache=spec.cache, warm_start=spec.warm_start)
         writer.write(chunk, to_uint8_nhwc(res.images, value_range=(0.0, 1.0)))
     return len(pending)
 

@@ -97,9 +97,9 @@ def sweep_configs(run: DigitsRun, settings: ReportSettings) -> list[SamplerConfi
 def _generate(run: DigitsRun, c: SamplerConfig, labels: Tensor, offset: int) -> SampleResult:
     model = run.viar if c.model == "viar" else run.var
     s = run.cfg.sampling
-    return generate(model, run.vqvae, labels, schedule=c.schedule if c.model == "viar" else None, cfg=s.cfg_scale,
-                    top_k=s.top_k, top_p=s.top_p, seed=s.seed, sample_offset=offset, cache=c.cache,
-                    warm_start=c.warm_start)
+    return generate(model, run.vqvae, labels, schedule=c.schedule if c.model == "viar" else None,
+                    cfg_scale=s.cfg_scale, top_k=s.top_k, top_p=s.top_p, seed=s.seed, sample_offset=offset,
+                    cache=c.cache, warm_start=c.warm_start)
 
 
 def sample_sweep(run: DigitsRun, configs: Sequence[SamplerConfig], settings: ReportSettings) -> list[SweepResult]:

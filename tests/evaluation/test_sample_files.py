@@ -47,10 +47,12 @@ def test_npz_is_adm_format_class_major_with_labels(models: tuple, tmp_path: Path
     assert labels.dtype == np.int64 and labels.tolist() == [3, 3, 3, 1, 1, 1]
     assert np.array_equal(read_samples_npz(out), arr)
     # shard [2, 4) is sample 2 (class 3) and sample 3 (class 1), drawn with the global indices 2 and 3
-    res = generate(*models, torch.tensor([3, 1]), schedule="constant:2", cfg=1.5, top_k=5, seed=7, sample_offset=2)
+    res = generate(*models, torch.tensor([3, 1]), schedule="constant:2", cfg_scale=1.5, top_k=5, seed=7,
+                   sample_offset=2)
     assert np.array_equal(arr[2:4], to_uint8_nhwc(res.images, value_range=(0.0, 1.0)))
     # other global indices draw other tokens: the offset matters
-    other = generate(*models, torch.tensor([3, 1]), schedule="constant:2", cfg=1.5, top_k=5, seed=7, sample_offset=0)
+    other = generate(*models, torch.tensor([3, 1]), schedule="constant:2", cfg_scale=1.5, top_k=5, seed=7,
+                     sample_offset=0)
     assert not np.array_equal(arr[2:4], to_uint8_nhwc(other.images, value_range=(0.0, 1.0)))
 
 

@@ -39,7 +39,7 @@ def test_greedy_sampling_agrees_with_teacher_forcing(name: str, vqvae: MultiScal
     m = _model(name)
     labels = torch.tensor([1, 4, 9])
     cfg_scale = 2.0
-    res = generate(m, vqvae, labels, schedule=Constant(4), cfg=cfg_scale, top_k=1, seed=0)
+    res = generate(m, vqvae, labels, schedule=Constant(4), cfg_scale=cfg_scale, top_k=1, seed=0)
     if m.cfg.implicit is not None:
         m.trunk.implicit.eval_solver = Picard(tol=None, max_iter=4)
     feats = vqvae.teacher_forcing_input(res.indices)
@@ -57,16 +57,16 @@ def test_greedy_sampling_agrees_with_teacher_forcing(name: str, vqvae: MultiScal
 def test_same_seed_same_images_whatever_the_batch(vqvae: MultiScaleVQVAE) -> None:
     m = _model("viar_tiny")
     labels = torch.tensor([2, 5, 7, 1, 0, 3])
-    a = generate(m, vqvae, labels[:2], schedule=Linear(4, 2), cfg=1.5, top_k=20, top_p=0.9, seed=11)
-    b = generate(m, vqvae, labels, schedule=Linear(4, 2), cfg=1.5, top_k=20, top_p=0.9, seed=11)
-    c = generate(m, vqvae, labels, schedule=Linear(4, 2), cfg=1.5, top_k=20, top_p=0.9, seed=11)
+    a = generate(m, vqvae, labels[:2], schedule=Linear(4, 2), cfg_scale=1.5, top_k=20, top_p=0.9, seed=11)
+    b = generate(m, vqvae, labels, schedule=Linear(4, 2), cfg_scale=1.5, top_k=20, top_p=0.9, seed=11)
+    c = generate(m, vqvae, labels, schedule=Linear(4, 2), cfg_scale=1.5, top_k=20, top_p=0.9, seed=11)
     for x, y in zip(b.indices, c.indices):
         assert torch.equal(x, y)
     assert torch.equal(b.images, c.images)
     for x, y in zip(a.indices, b.indices):
         assert torch.equal(x, y[:2])
     assert torch.equal(a.images, b.images[:2])
-    d = generate(m, vqvae, labels, schedule=Linear(4, 2), cfg=1.5, top_k=20, top_p=0.9, seed=12)
+    d = generate(m, vqvae, labels, schedule=Linear(4, 2), cfg_scale=1.5, top_k=20, top_p=0.9, seed=12)
     assert any(not torch.equal(x, y) for x, y in zip(b.indices, d.indices))
 
 
@@ -78,7 +78,7 @@ def test_editing_keeps_unmasked_tokens(kind: str, vqvae: MultiScaleVQVAE) -> Non
     box[16:48, 16:48] = True
     mask = box if kind == "inpaint" else ~box
     gt = vqvae.img_to_indices(img)
-    res = generate(m, vqvae, torch.tensor([3, 8]), cfg=1.0, top_k=10, seed=0, edit=EditSpec(img, mask))
+    res = generate(m, vqvae, torch.tensor([3, 8]), cfg_scale=1.0, top_k=10, seed=0, edit=EditSpec(img, mask))
     masks = token_masks(mask.expand(2, 64, 64), m.cfg.patch_nums)
     changed = False
     for si, (idx, want, tm) in enumerate(zip(res.indices, gt, masks)):
@@ -98,9 +98,9 @@ def test_token_masks_mark_any_touched_cell() -> None:
 def test_adaptive_schedule_stops_converged_samples_early(vqvae: MultiScaleVQVAE) -> None:
     m = _model("viar_tiny", jitter=0.0)  # blocks near the identity: a contraction
     labels = torch.arange(6)
-    fixed = generate(m, vqvae, labels, schedule=Constant(30), cfg=0.0, top_k=1, seed=0)
-    adapt = generate(m, vqvae, labels, schedule=Adaptive(tol=1e-5, max_iter=30), cfg=0.0, top_k=1, seed=0,
-                     solver=Picard())
+    fixed = generate(m, vqvae, labels, schedule=Constant(30), cfg_scale=0.0, top_k=1, seed=0)
+    adapt = generate(m, vqvae, labels, schedule=Adaptive(tol=1e-5, max_iter=30), cfg_scale=0.0, top_k=1,
+                     seed=0, solver=Picard())
     its = torch.stack([s.iterations for s in adapt.stats])  # (K, B)
     rel = torch.stack([s.rel_residual for s in adapt.stats])
     assert bool((rel <= 1e-5).all())
@@ -112,10 +112,10 @@ def test_adaptive_schedule_stops_converged_samples_early(vqvae: MultiScaleVQVAE)
 def test_anderson_and_warm_start_run_and_report(vqvae: MultiScaleVQVAE) -> None:
     m = _model("viar_tiny", jitter=0.0)
     labels = torch.arange(4)
-    cold = generate(m, vqvae, labels, schedule=Adaptive(tol=1e-6, max_iter=40), solver=Anderson(), cfg=1.5,
-                    top_k=1, seed=0)
-    warm = generate(m, vqvae, labels, schedule=Adaptive(tol=1e-6, max_iter=40), solver=Anderson(), cfg=1.5,
-                    top_k=1, seed=0, warm_start=True)
+    cold = generate(m, vqvae, labels, schedule=Adaptive(tol=1e-6, max_iter=40), solver=Anderson(),
+                    cfg_scale=1.5, top_k=1, seed=0)
+    warm = generate(m, vqvae, labels, schedule=Adaptive(tol=1e-6, max_iter=40), solver=Anderson(),
+                    cfg_scale=1.5, top_k=1, seed=0, warm_start=True)
     for res in (cold, warm):
         assert len(res.stats) == m.cfg.num_scales and res.kv_bytes > 0
         assert bool((torch.stack([s.rel_residual for s in res.stats]) <= 1e-6).all())
@@ -124,8 +124,8 @@ def test_anderson_and_warm_start_run_and_report(vqvae: MultiScaleVQVAE) -> None:
 def test_lean_cache_is_smaller(vqvae: MultiScaleVQVAE) -> None:
     m = _model("viar_tiny")
     labels = torch.arange(2)
-    full = generate(m, vqvae, labels, schedule=Constant(6), cfg=0.0, seed=0)
-    lean = generate(m, vqvae, labels, schedule=Constant(6), cfg=0.0, seed=0, cache="lean")
+    full = generate(m, vqvae, labels, schedule=Constant(6), cfg_scale=0.0, seed=0)
+    lean = generate(m, vqvae, labels, schedule=Constant(6), cfg_scale=0.0, seed=0, cache="lean")
     assert lean.kv_bytes * 2 < full.kv_bytes
 
 
@@ -156,6 +156,6 @@ def test_dispatched_ops_per_batch_barely_grow_with_the_batch(name: str, vqvae: M
     for B in (1, 16):
         labels = torch.arange(B) % m.num_classes
         with _OpCounter() as c:
-            generate(m, vqvae, labels, schedule=Constant(3), cfg=1.5, top_k=20, top_p=0.9, seed=0)
+            generate(m, vqvae, labels, schedule=Constant(3), cfg_scale=1.5, top_k=20, top_p=0.9, seed=0)
         counts[B] = c.total
     assert counts[16] <= 1.2 * counts[1], counts

@@ -26,7 +26,8 @@ def _model_and_vae() -> tuple[torch.nn.Module, MultiScaleVQVAE]:
     return model, vae.double().eval()
 
 
-def _record_calls(model: torch.nn.Module, warm_start: bool, cfg: float) -> dict[int, list[tuple[Tensor, Tensor]]]:
+def _record_calls(model: torch.nn.Module, warm_start: bool, cfg_scale: float
+                  ) -> dict[int, list[tuple[Tensor, Tensor]]]:
     """``{scale: [(z_k, f(z_k)), ...]}`` of one ``generate`` call with a constant 5-iteration Picard schedule."""
     calls: dict[int, list[tuple[Tensor, Tensor]]] = {}
 
@@ -37,7 +38,8 @@ def _record_calls(model: torch.nn.Module, warm_start: bool, cfg: float) -> dict[
     _, vae = _model_and_vae()
     handle = model.trunk.map.register_forward_hook(hook)
     try:
-        generate(model, vae, torch.tensor([0, 3, 7]), schedule="constant:5", cfg=cfg, seed=0, warm_start=warm_start)
+        generate(model, vae, torch.tensor([0, 3, 7]), schedule="constant:5", cfg_scale=cfg_scale, seed=0,
+                 warm_start=warm_start)
     finally:
         handle.remove()
     return calls
@@ -52,10 +54,10 @@ def _bilinear(z_BnC: Tensor, side_to: int) -> Tensor:
     return up.permute(0, 2, 3, 1).reshape(B, side_to * side_to, C)
 
 
-@pytest.mark.parametrize("cfg", [0.0, 1.5])
-def test_warm_start_begins_each_scale_from_the_previous_iterate_upsampled(cfg: float) -> None:
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+def test_warm_start_begins_each_scale_from_the_previous_iterate_upsampled(cfg_scale: float) -> None:
     model, _ = _model_and_vae()
-    warm, cold = _record_calls(model, True, cfg), _record_calls(model, False, cfg)
+    warm, cold = _record_calls(model, True, cfg_scale), _record_calls(model, False, cfg_scale)
     patch_nums = model.cfg.patch_nums
     assert sorted(warm) == list(range(len(patch_nums)))
     for s in range(1, len(patch_nums)):

@@ -33,16 +33,19 @@ __all__ = [
 ]
 
 
-def cfg_ramp(si: int, num_scales: int, cfg: float, kind: Literal["linear", "constant"] = "linear") -> float:
+def cfg_ramp(
+    si: int, num_scales: int, cfg_scale: float, kind: Literal["linear", "constant"] = "linear"
+) -> float:
     """Guidance weight ``t`` at scale ``si``.
 
     Args:
         si: scale index in ``[0, num_scales)``.
-        num_scales: number of scales ``K >= 1``.
-        cfg: guidance strength.
-        kind: ``"linear"`` (official): ``t = cfg * (si / (K - 1))``, no guidance at scale 0 and full guidance at
-            the last scale; with ``K == 1`` (where the official formula divides by zero) the only scale is the
-            last one and gets ``t = cfg``. ``"constant"``: ``t = cfg`` at every scale.
+        num_scales: number of scales, ``>= 1``.
+        cfg_scale: classifier-free guidance scale.
+        kind: ``"linear"`` (official): ``t = cfg_scale * (si / (num_scales - 1))``, no guidance at scale 0 and
+            full guidance at the last scale; with ``num_scales == 1`` (where the official formula divides by
+            zero) the only scale is the last one and gets ``t = cfg_scale``. ``"constant"``: ``t = cfg_scale``
+            at every scale.
 
     Returns:
         ``t`` as a Python float.
@@ -54,8 +57,8 @@ def cfg_ramp(si: int, num_scales: int, cfg: float, kind: Literal["linear", "cons
     if isinstance(si, bool) or not isinstance(si, numbers.Integral) or not 0 <= si < num_scales:
         raise ValueError(f"scale index {si!r} is outside [0, {num_scales})")
     if kind == "constant" or num_scales == 1:
-        return float(cfg)
-    return float(cfg) * (int(si) / (int(num_scales) - 1))  # the official ``cfg * ratio``, bit for bit
+        return float(cfg_scale)
+    return float(cfg_scale) * (int(si) / (int(num_scales) - 1))  # the official ``cfg * ratio``, bit for bit
 
 
 def apply_cfg(logits_cond: Tensor, logits_uncond: Tensor, t: float) -> Tensor:

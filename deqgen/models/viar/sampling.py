@@ -119,7 +119,7 @@ def generate(
     labels: Tensor,
     *,
     schedule: Schedule | str | None = None,
-    cfg: float = 1.5,
+    cfg_scale: float = 1.5,
     cfg_kind: Literal["linear", "constant"] = "linear",
     top_k: int = 0,
     top_p: float = 0.0,
@@ -139,9 +139,9 @@ def generate(
         labels: ``(B,)`` int64 class indices.
         schedule: VIAR's per-scale iterations (a :mod:`~deqgen.models.viar.schedules` object or spec string
             such as ``"linear:10:5"``); default: the model's ``eval_iterations`` at every scale.
-        cfg: guidance strength; ``0`` runs no unconditional rows.
-        cfg_kind: ``"linear"`` ramps guidance from 0 at the first scale to ``cfg`` at the last (official),
-            ``"constant"`` applies ``cfg`` at every scale.
+        cfg_scale: classifier-free guidance scale; ``0`` runs no unconditional rows.
+        cfg_kind: ``"linear"`` ramps guidance from 0 at the first scale to ``cfg_scale`` at the last
+            (official), ``"constant"`` applies ``cfg_scale`` at every scale.
         top_k: keep the ``top_k`` most likely tokens (0 = all).
         top_p: nucleus threshold (0 = off).
         generator: the random source; one run seed is drawn from it, per-sample seeds derive from it.
@@ -179,7 +179,7 @@ def generate(
         mask = mask.expand(B, *mask.shape[-2:]) if mask.dim() == 2 else mask
         tmask = token_masks(mask, pn)
 
-    guided = cfg != 0.0
+    guided = cfg_scale != 0.0
     rows = torch.cat([labels, torch.full_like(labels, model.num_classes)]) if guided else labels
     cond = model.condition(rows)
     kv = model.new_cache(cache)
@@ -195,7 +195,7 @@ def generate(
         z0 = upsample_tokens(z_prev, pn[si - 1], pn[si]) if (warm_start and z_prev is not None) else None
         logits, st = model.forward_scale(si, cond, feats, kv, solver=s_solver, z0=z0)
         if guided:
-            logits = apply_cfg(logits[:B], logits[B:], cfg_ramp(si, K, cfg, cfg_kind))
+            logits = apply_cfg(logits[:B], logits[B:], cfg_ramp(si, K, cfg_scale, cfg_kind))
         idx = sample_tokens(logits, top_k=top_k, top_p=top_p, generators=gens)
         if gt is not None and tmask is not None:
             idx = torch.where(tmask[si], idx, gt[si])

@@ -49,7 +49,8 @@ def sample_grid(
     model.eval()
     t0 = time.perf_counter()
     res = generate(model, vae, labels, schedule=build_schedule(s.schedule) if model.cfg.implicit else None,
-                   cfg=s.cfg_scale, top_k=s.top_k, top_p=s.top_p, generator=torch.Generator().manual_seed(s.seed))
+                   cfg_scale=s.cfg_scale, top_k=s.top_k, top_p=s.top_p,
+                   generator=torch.Generator().manual_seed(s.seed))
     seconds = time.perf_counter() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(path, res.images.cpu(), nrow=s.samples_per_class)

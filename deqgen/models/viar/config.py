@@ -164,7 +164,7 @@ class TransformerConfig:
 
     @property
     def num_scales(self) -> int:
-        """``K = len(patch_nums)``, the number of scales."""
+        """``len(patch_nums)``, the number of scales."""
         return len(self.patch_nums)
 
     @property

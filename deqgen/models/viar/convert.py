@@ -264,18 +264,20 @@ def infer_transformer_config(
     """
     n_cls, C = _need(sd, "class_emb.weight", src).shape
     L = _need(sd, "pos_1LC", src).shape[1]
-    K = _need(sd, "lvl_embed.weight", src).shape[0]
+    num_scales = _need(sd, "lvl_embed.weight", src).shape[0]
     V = _need(sd, "head.weight", src).shape[0]
     Cv = _need(sd, "word_embed.weight", src).shape[1]
     if patch_nums is None:
-        if L != sum(p * p for p in PATCH_NUMS_256) or K != len(PATCH_NUMS_256):
+        if L != sum(p * p for p in PATCH_NUMS_256) or num_scales != len(PATCH_NUMS_256):
             raise CheckpointError(
-                f"{src}: sequence length {L} over {K} scales is not the 256-px pyramid; pass patch_nums"
+                f"{src}: sequence length {L} over {num_scales} scales is not the 256-px pyramid; "
+                "pass patch_nums"
             )
         patch_nums = PATCH_NUMS_256
-    if sum(p * p for p in patch_nums) != L or len(patch_nums) != K:
+    if sum(p * p for p in patch_nums) != L or len(patch_nums) != num_scales:
         raise CheckpointError(f"{src}: patch_nums {patch_nums} give L={sum(p * p for p in patch_nums)} "
-                              f"over {len(patch_nums)} scales, but the checkpoint has L={L} over {K}")
+                              f"over {len(patch_nums)} scales, but the checkpoint has L={L} "
+                              f"over {num_scales}")
     scale_keys = [k for k in sd if k.endswith("attn.scale_mul_1H11")]
     heads = sd[scale_keys[0]].shape[1] if scale_keys else max(C // 64, 1)
     fc1 = [k for k in sd if k.endswith("ffn.fc1.weight")]
@@ -361,8 +363,8 @@ def infer_vqvae_config(
     else:
         share = _count(sd, "quantize.quant_resi")
     if patch_nums is None:
-        K = sd["quantize.ema_vocab_hit_SV"].shape[0] if "quantize.ema_vocab_hit_SV" in sd else None
-        if K != len(PATCH_NUMS_256):
+        num_scales = sd["quantize.ema_vocab_hit_SV"].shape[0] if "quantize.ema_vocab_hit_SV" in sd else None
+        if num_scales != len(PATCH_NUMS_256):
             raise CheckpointError(f"{src}: the tokenizer's scale pyramid cannot be read from the keys; pass patch_nums")
         patch_nums = PATCH_NUMS_256
     return VQVAEConfig(

@@ -160,7 +160,7 @@ def generate(
     """
     _check_inputs(model, vqvae, labels)
     dev = labels.device
-    B, K = labels.shape[0], model.cfg.num_scales
+    B, num_scales = labels.shape[0], model.cfg.num_scales
     pn = model.cfg.patch_nums
     implicit = isinstance(model.trunk, ImplicitTrunk)
     if schedule is None:
@@ -189,20 +189,20 @@ def generate(
     z_prev: Tensor | None = None
     indices: list[Tensor] = []
     stats: list[ScaleStats] = []
-    for si in range(K):
+    for si in range(num_scales):
         t0 = time.perf_counter()
-        s_solver = sched.solver_for_scale(si, K, solver) if implicit else None
+        s_solver = sched.solver_for_scale(si, num_scales, solver) if implicit else None
         z0 = upsample_tokens(z_prev, pn[si - 1], pn[si]) if (warm_start and z_prev is not None) else None
         logits, st = model.forward_scale(si, cond, feats, kv, solver=s_solver, z0=z0)
         if guided:
-            logits = apply_cfg(logits[:B], logits[B:], cfg_ramp(si, K, cfg_scale, cfg_kind))
+            logits = apply_cfg(logits[:B], logits[B:], cfg_ramp(si, num_scales, cfg_scale, cfg_kind))
         idx = sample_tokens(logits, top_k=top_k, top_p=top_p, generators=gens)
         if gt is not None and tmask is not None:
             idx = torch.where(tmask[si], idx, gt[si])
         indices.append(idx)
         h = vqvae.embed(si, idx)  # (B, Cvae, p_s, p_s)
         fhat, nxt = vqvae.next_scale_input(si, fhat, h)
-        if si < K - 1:
+        if si < num_scales - 1:
             feats = nxt.flatten(2).transpose(1, 2)
             feats = torch.cat([feats, feats]) if guided else feats
         sol = st.solution

@@ -1,10 +1,10 @@
 """VAR's multi-scale residual VQVAE tokenizer (``vae_ch160v4096z32``), written to match the official numerics.
 
 An image ``(B, Cin, H, W)`` in ``[-1, 1]`` is encoded to a latent ``f`` of side ``patch_nums[-1]``. The
-quantizer turns ``f`` into ``K = len(patch_nums)`` token maps, coarse to fine: at scale ``si`` it
+quantizer turns ``f`` into ``num_scales = len(patch_nums)`` token maps, coarse to fine: at scale ``si`` it
 area-downsamples the residual to ``pn x pn``, takes the nearest codebook rows, bicubic-upsamples them back
 to the latent side, refines them with a convolution ``Phi`` and subtracts the result from the residual.
-The sum of the ``K`` refined maps is ``f_hat``, which the decoder turns back into an image.
+The sum of the ``num_scales`` refined maps is ``f_hat``, which the decoder turns back into an image.
 
 Parameter names equal the official state-dict keys, so an official checkpoint loads with
 ``load_state_dict(sd)`` (see :class:`MultiScaleVQVAE`).
@@ -106,7 +106,7 @@ class VQVAEConfig:
 
     @property
     def num_scales(self) -> int:
-        """``K``, the number of token maps."""
+        """``len(patch_nums)``, the number of token maps."""
         return len(self.patch_nums)
 
     @property
@@ -148,8 +148,8 @@ class QuantizerOutput:
     Attributes:
         fhat: (B, Cvae, h, w) quantized latent with a straight-through gradient to ``f``.
         vq_loss: scalar, ``beta * MSE(sg f_hat, f) + MSE(f_hat, sg f)`` averaged over the scales.
-        indices: K LongTensors (B, pn * pn), row-major.
-        codebook_usage: (K,) fraction of the codebook hit by this batch at each scale.
+        indices: ``num_scales`` LongTensors (B, pn * pn), row-major.
+        codebook_usage: (num_scales,) fraction of the codebook hit by this batch at each scale.
     """
 
     fhat: Tensor
@@ -162,7 +162,7 @@ class MultiScaleQuantizer(nn.Module):
     """Multi-scale residual quantizer (official ``quantize`` submodule).
 
     State: ``embedding`` (V, Cvae), ``quant_resi`` (a :class:`PhiBank`) and the buffer
-    ``ema_vocab_hit_SV`` (K, V), an EMA of per-scale code hits updated by :meth:`forward` in training
+    ``ema_vocab_hit_SV`` (num_scales, V), an EMA of per-scale code hits updated by :meth:`forward` in training
     mode. The buffer is kept so official checkpoints load strictly; a checkpoint whose buffer has another
     scale count leaves this module's buffer unchanged, as the official loader does.
 
@@ -173,9 +173,9 @@ class MultiScaleQuantizer(nn.Module):
     def __init__(self, config: VQVAEConfig) -> None:
         super().__init__()
         self.config = config
-        K, V, C = config.num_scales, config.vocab_size, config.z_channels
-        self.register_buffer("ema_vocab_hit_SV", torch.zeros(K, V))
-        self.quant_resi = PhiBank(C, config.quant_resi, K, config.share_quant_resi)
+        num_scales, V, C = config.num_scales, config.vocab_size, config.z_channels
+        self.register_buffer("ema_vocab_hit_SV", torch.zeros(num_scales, V))
+        self.quant_resi = PhiBank(C, config.quant_resi, num_scales, config.share_quant_resi)
         self.embedding = nn.Embedding(V, C)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
@@ -216,7 +216,7 @@ class MultiScaleQuantizer(nn.Module):
             raise ValueError(f"expected features of shape (B, {C}, {side}, {side}), got {tuple(f.shape)}")
 
     def check_indices(self, idx_list: Sequence[Tensor], count: int | None = None) -> None:
-        """Raise ValueError unless ``idx_list`` holds ``count`` (default K) tensors (B, pn * pn) of ints."""
+        """Raise ValueError unless ``idx_list`` holds ``count`` (default: all scales) int tensors (B, pn*pn)."""
         pns = self.config.patch_nums[: self.config.num_scales if count is None else count]
         if len(idx_list) != len(pns):
             raise ValueError(f"expected {len(pns)} index tensors (one per scale of {pns}), got {len(idx_list)}")
@@ -242,8 +242,8 @@ class MultiScaleQuantizer(nn.Module):
             f: (B, Cvae, h, w) latent with ``h = w = patch_nums[-1]``; used detached.
 
         Returns:
-            ``(indices, fhat_per_scale)``: K LongTensors (B, pn * pn) in row-major order, and K tensors
-            (B, Cvae, h, w), the cumulative ``f_hat`` after each scale.
+            ``(indices, fhat_per_scale)``: ``num_scales`` LongTensors (B, pn * pn) in row-major order, and
+            ``num_scales`` tensors (B, Cvae, h, w), the cumulative ``f_hat`` after each scale.
         """
         self._check_features(f)
         rest = f.detach().clone()
@@ -292,10 +292,10 @@ class MultiScaleQuantizer(nn.Module):
 
     # ---- token-side passes ----------------------------------------------------------------------------
     def indices_to_fhat(self, idx_list: Sequence[Tensor]) -> Tensor:
-        """Sum of the refined, upsampled code maps of all K scales.
+        """Sum of the refined, upsampled code maps of all scales.
 
         Args:
-            idx_list: K LongTensors (B, pn * pn).
+            idx_list: ``num_scales`` LongTensors (B, pn * pn).
 
         Returns:
             (B, Cvae, h, w) ``f_hat`` in the codebook's dtype.
@@ -310,23 +310,27 @@ class MultiScaleQuantizer(nn.Module):
     def teacher_forcing_input(self, idx_list: Sequence[Tensor]) -> Tensor:
         """Transformer input for teacher forcing (official ``idxBl_to_var_input``).
 
-        After accumulating scales ``0..K-2`` into ``f_hat``, each step emits ``f_hat`` area-downsampled to
-        the next scale's side, flattened row-major.
+        After accumulating scales ``0 .. num_scales-2`` into ``f_hat``, each step emits ``f_hat``
+        area-downsampled to the next scale's side, flattened row-major.
 
         Args:
-            idx_list: K (or K - 1; the last scale is not used) LongTensors (B, pn * pn).
+            idx_list: ``num_scales`` (or ``num_scales - 1``; the last scale is not used) LongTensors
+                (B, pn * pn).
 
         Returns:
-            (B, L - patch_nums[0] ** 2, Cvae); (B, 679, 32) for the default config, (B, 0, Cvae) if K = 1.
+            (B, L - patch_nums[0] ** 2, Cvae); (B, 679, 32) for the default config, (B, 0, Cvae) if
+            ``num_scales == 1``.
         """
-        K = self.config.num_scales
-        if len(idx_list) not in (K - 1, K) or not idx_list:
-            raise ValueError(f"expected {K} index tensors (the last one is unused), got {len(idx_list)}")
-        self.check_indices(idx_list[: K - 1], count=K - 1)
+        num_scales = self.config.num_scales
+        if len(idx_list) not in (num_scales - 1, num_scales) or not idx_list:
+            raise ValueError(
+                f"expected {num_scales} index tensors (the last one is unused), got {len(idx_list)}"
+            )
+        self.check_indices(idx_list[: num_scales - 1], count=num_scales - 1)
         B, C, side = idx_list[0].shape[0], self.config.z_channels, self.config.latent_size
         fhat = self.embedding.weight.new_zeros(B, C, side, side)
         pieces = [fhat.new_zeros(B, 0, C)]
-        for si in range(K - 1):
+        for si in range(num_scales - 1):
             fhat = fhat + self.quant_resi(si, self._to_latent_size(si, self.embed(si, idx_list[si])))
             pn = self.config.patch_nums[si + 1]
             pieces.append(F.interpolate(fhat, size=(pn, pn), mode="area").flatten(2).transpose(1, 2))
@@ -336,20 +340,20 @@ class MultiScaleQuantizer(nn.Module):
         """One sampling step (official ``get_next_autoregressive_input``), without in-place updates.
 
         Args:
-            si: the scale just sampled, ``0 <= si < K``.
+            si: the scale just sampled, ``0 <= si < num_scales``.
             fhat: (B, Cvae, h, w) accumulated ``f_hat`` of scales ``< si``; not modified.
             h_BChw: (B, Cvae, pn_si, pn_si) codebook rows of the sampled tokens (see :meth:`embed`).
 
         Returns:
-            ``(fhat_new, next_input)``: a new tensor ``fhat + Phi_si(upsample(h))`` and, for ``si < K - 1``,
-            ``fhat_new`` area-downsampled to (B, Cvae, pn_{si+1}, pn_{si+1}); at the last scale
-            ``next_input`` is ``fhat_new`` itself.
+            ``(fhat_new, next_input)``: a new tensor ``fhat + Phi_si(upsample(h))`` and, for
+            ``si < num_scales - 1``, ``fhat_new`` area-downsampled to (B, Cvae, pn_{si+1}, pn_{si+1}); at the
+            last scale ``next_input`` is ``fhat_new`` itself.
         """
-        K = self.config.num_scales
-        if not 0 <= si < K:
-            raise ValueError(f"si must be in [0, {K}), got {si}")
+        num_scales = self.config.num_scales
+        if not 0 <= si < num_scales:
+            raise ValueError(f"si must be in [0, {num_scales}), got {si}")
         fhat = fhat + self.quant_resi(si, self._to_latent_size(si, h_BChw))
-        if si == K - 1:
+        if si == num_scales - 1:
             return fhat, fhat
         pn = self.config.patch_nums[si + 1]
         return fhat, F.interpolate(fhat, size=(pn, pn), mode="area")
@@ -362,8 +366,8 @@ class VQVAEOutput:
     Attributes:
         recon: (B, Cin, H, W) reconstruction, not clamped (clamping would cut the gradient).
         vq_loss: scalar VQ loss (commitment + codebook), averaged over the scales.
-        indices: K LongTensors (B, pn * pn).
-        codebook_usage: (K,) fraction of the codebook hit by this batch at each scale.
+        indices: ``num_scales`` LongTensors (B, pn * pn).
+        codebook_usage: (num_scales,) fraction of the codebook hit by this batch at each scale.
     """
 
     recon: Tensor
@@ -376,7 +380,7 @@ class MultiScaleVQVAE(nn.Module):
     """VAR's multi-scale VQVAE: ``encoder``, ``quant_conv``, ``quantize``, ``post_quant_conv``, ``decoder``.
 
     Parameter and buffer names are the official state-dict keys. The buffer
-    ``quantize.ema_vocab_hit_SV`` (K, V) is kept (not dropped), so an official checkpoint loads with
+    ``quantize.ema_vocab_hit_SV`` (num_scales, V) is kept (not dropped), so an official checkpoint loads with
     ``strict=True``; see :class:`MultiScaleQuantizer`. Module construction uses torch's default init; call
     :meth:`init_weights` before training from scratch.
 
@@ -452,7 +456,7 @@ class MultiScaleVQVAE(nn.Module):
         return self.quant_conv(self.encoder(img))
 
     def features_to_indices(self, f: Tensor) -> list[Tensor]:
-        """Tokens of a latent: (B, Cvae, h, w) -> K LongTensors (B, pn * pn), row-major."""
+        """Tokens of a latent: (B, Cvae, h, w) -> ``num_scales`` LongTensors (B, pn * pn), row-major."""
         return self.quantize.features_to_indices_and_fhat(f)[0]
 
     def features_to_indices_and_fhat(self, f: Tensor) -> tuple[list[Tensor], list[Tensor]]:
@@ -460,11 +464,11 @@ class MultiScaleVQVAE(nn.Module):
         return self.quantize.features_to_indices_and_fhat(f)
 
     def img_to_indices(self, img: Tensor) -> list[Tensor]:
-        """Tokens of an image: (B, Cin, H, W) -> K LongTensors (B, pn * pn)."""
+        """Tokens of an image: (B, Cin, H, W) -> ``num_scales`` LongTensors (B, pn * pn)."""
         return self.features_to_indices(self.encode_features(img))
 
     def indices_to_fhat(self, idx_list: Sequence[Tensor]) -> Tensor:
-        """K LongTensors (B, pn * pn) -> ``f_hat`` (B, Cvae, h, w)."""
+        """``num_scales`` LongTensors (B, pn * pn) -> ``f_hat`` (B, Cvae, h, w)."""
         return self.quantize.indices_to_fhat(idx_list)
 
     def decode(self, fhat: Tensor) -> Tensor:
@@ -472,7 +476,7 @@ class MultiScaleVQVAE(nn.Module):
         return self.decoder(self.post_quant_conv(fhat)).clamp(-1, 1)
 
     def indices_to_img(self, idx_list: Sequence[Tensor]) -> Tensor:
-        """K LongTensors (B, pn * pn) -> image (B, Cin, H, W) in ``[-1, 1]``."""
+        """``num_scales`` LongTensors (B, pn * pn) -> image (B, Cin, H, W) in ``[-1, 1]``."""
         return self.decode(self.indices_to_fhat(idx_list))
 
     def reconstruct(self, img: Tensor) -> Tensor:

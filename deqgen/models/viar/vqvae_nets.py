@@ -299,16 +299,16 @@ def phi_indices(num_scales: int, share_quant_resi: int) -> list[int]:
 
     With ``n`` convs (``n = num_scales`` when ``share_quant_resi`` is 0, else ``share_quant_resi``) the
     convs sit at ticks ``linspace(1/(3n), 1 - 1/(3n), n)`` when ``n == 4`` and ``linspace(1/(2n),
-    1 - 1/(2n), n)`` otherwise; scale ``si`` takes the conv whose tick is nearest ``si / (K - 1)``. This
-    runs in float64 exactly as the reference does, which matters for the exact ties (scales 2 and 7 of 10
-    go to convs 1 and 3). With a single scale the position is taken as 0.
+    1 - 1/(2n), n)`` otherwise; scale ``si`` takes the conv whose tick is nearest
+    ``si / (num_scales - 1)``. This runs in float64 exactly as the reference does, which matters for the
+    exact ties (scales 2 and 7 of 10 go to convs 1 and 3). With a single scale the position is taken as 0.
 
     Args:
-        num_scales: ``K``.
+        num_scales: the number of scales.
         share_quant_resi: as :attr:`~deqgen.models.viar.vqvae.VQVAEConfig.share_quant_resi`.
 
     Returns:
-        ``K`` conv indices, e.g. ``[0, 0, 1, 1, 1, 2, 2, 3, 3, 3]`` for 10 scales and 4 convs.
+        ``num_scales`` conv indices, e.g. ``[0, 0, 1, 1, 1, 2, 2, 3, 3, 3]`` for 10 scales and 4 convs.
     """
     check_positive("num_scales", num_scales)
     n = num_scales if share_quant_resi == 0 else share_quant_resi
@@ -346,7 +346,7 @@ class PhiBank(nn.Module):
     Args:
         channels: ``Cvae``.
         ratio: ``quant_resi``; 0 makes every ``Phi`` an identity.
-        num_scales: ``K``.
+        num_scales: the number of scales.
         share_quant_resi: as :attr:`~deqgen.models.viar.vqvae.VQVAEConfig.share_quant_resi`.
     """
 

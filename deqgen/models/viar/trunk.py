@@ -15,7 +15,7 @@ Sampling goes scale by scale through :meth:`forward_cached` with a :class:`Trunk
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -79,7 +79,6 @@ class TrunkStats:
     solution: Solution | None = None
     no_grad_steps: int = 0
     grad_steps: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _run_blocks(

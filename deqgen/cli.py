@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from deqgen import solvers
 from deqgen.images import save_grid
 
 __all__ = ["main"]
@@ -193,7 +194,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default=None,
                    help="VIAR per-scale iterations, e.g. constant:10, linear:10:5:floor, adaptive:1e-3:10; "
                         "None: the model's eval_iterations at every scale")
-    p.add_argument("--solver", default=None, choices=["picard", "anderson", "broyden"],
+    p.add_argument("--solver", default=None, choices=sorted(solvers.SOLVERS),
                    help="VIAR's fixed-point solver; None: the model's eval solver")
     p.add_argument("--cfg-scale", "--cfg", type=_non_negative_float, default=1.5,
                    help="classifier-free guidance scale (>= 0)")
@@ -515,8 +516,6 @@ def main(argv: list[str] | None = None) -> int:
             out = _convert(args.src, args.dst, kind=args.kind, patch_nums=pn, slim=args.slim)
             print(f"wrote {out}")
             return 0
-        from deqgen.training.tasks.generation.config import build_solver
-
         device = _resolve_device(args.device)
         _check_out_png(args.out)
         if args.cmd == "edit":
@@ -528,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         vae.to(device)
         if getattr(args, "compile", False):
             _compile_for_sampling(model, device, args.dtype)
-        solver = build_solver(args.solver) if args.solver else None
+        solver = solvers.get(args.solver) if args.solver else None
         kw = {"schedule": args.schedule, "cfg_scale": args.cfg_scale, "top_k": args.top_k,
               "top_p": args.top_p, "solver": solver, "batch_size": args.batch_size, "seed": args.seed}
         if args.cmd == "sample":

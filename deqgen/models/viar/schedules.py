@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, ClassVar, Literal
 
+from deqgen import solvers as _solvers
 from deqgen.solvers import SOLVERS
 from deqgen.solvers.base import Solver
 from deqgen.solvers.picard import Picard
@@ -321,9 +322,9 @@ class Adaptive(Schedule):
         _check_si(si, num_scales)
         fields = {"tol": self.tol, "stop_mode": self.stop_mode, "max_iter": self.max_iter}
         if base is None:
-            return SOLVERS[self.solver or "picard"](**fields)
+            return _solvers.get(self.solver or "picard", **fields)
         _check_base(base)
-        if self.solver is not None and type(base) is not SOLVERS[self.solver]:
+        if self.solver is not None and base.name != self.solver:
             raise ValueError(
                 f"the adaptive schedule names solver {self.solver!r} but the sampler was given "
                 f"{type(base).__name__}; drop one of the two"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import torch
@@ -89,3 +90,20 @@ def test_warm_start_from_the_equilibrium_needs_one_evaluation() -> None:
     _, warm = model(coords, z0_NH=cold.forward.z)
     assert int(cold.forward.stats.nfe.min()) > 2
     assert int(warm.forward.stats.nfe.max()) == 1 and warm.forward.stats.all_converged
+
+
+def test_relu_cell_solves_to_its_own_fixed_point() -> None:
+    cfg = replace(TINY, activation="relu")
+    model = build_inr(cfg, gradient=JFB(), train_solver=Picard(tol=1e-6, max_iter=100),
+                      generator=torch.Generator().manual_seed(3)).eval()
+    assert isinstance(model, DEQINR)
+    coords = pixel_grid(4, 6)
+    _, info = model(coords)
+    assert info.forward.stats.all_converged, info.forward.stats.summary()
+    z = info.forward.z
+    u = model.inject(model.features(coords))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.relu(model.layer.f.linear(z) + u), z, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(torch.tanh(model.layer.f.linear(z) + u), z, atol=1e-3)  # not the tanh cell
+    with pytest.raises(ValueError, match="activation"):
+        replace(TINY, activation="gelu")  # type: ignore[arg-type]

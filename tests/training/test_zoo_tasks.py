@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 pytest.importorskip("matplotlib")
 from deqgen.data.digits import mnist5k_path
 from deqgen.training.config import load_config
 from deqgen.training.schema import ConfigError
+from deqgen.training.tasks.deq_options import RegularizationSection
 from deqgen.training.train import run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,3 +90,11 @@ def test_misspelt_model_keys_are_errors() -> None:
         load_config(MDEQ, ["model.channels=[8, 10]"], check_paths=False)
     with pytest.raises(ConfigError, match="hiden"):
         load_config(INR, ["model.hiden=3"], check_paths=False)
+
+
+def test_fp_states_takes_evaluation_counts_and_rejects_bad_ones() -> None:
+    assert RegularizationSection(fp_states=[1, 3]).fp_states == [1, 3]
+    assert RegularizationSection(fp_states=2).fp_states == 2
+    for bad in (0, [], [2, 0]):
+        with pytest.raises(ValidationError, match="fp_states"):
+            RegularizationSection(fp_states=bad)

@@ -1,17 +1,17 @@
-"""DEQ implicit neural representation: ``rgb(p) = W_out z*(p) + b`` with ``z* = tanh(W z* + U gamma(p) + c)``.
+"""DEQ implicit neural representation: ``rgb(p) = W_out z*(p) + b`` with ``z* = act(W z* + U gamma(p) + c)``.
 
 ``gamma(p) = [sin(2 pi B p), cos(2 pi B p)]`` are random Fourier features of the pixel coordinate
 ``p in [-1, 1]^2`` (Tancik et al., NeurIPS 2020), with ``B ~ N(0, fourier_scale^2)`` drawn once and kept as a
-buffer. The injection ``U gamma(p) + c`` is computed once per forward; the cell ``tanh(W z + u)`` is row-wise,
-so a separable solve stops evaluating each pixel as soon as it converges. ``W`` is weight-normalised and starts
-with spectral norm about ``init_scale``, so the first solves converge.
+buffer. The injection ``U gamma(p) + c`` is computed once per forward; the cell ``act(W z + u)`` (tanh or
+ReLU) is row-wise, so a separable solve stops evaluating each pixel as soon as it converges. ``W`` is
+weight-normalised and starts with spectral norm about ``init_scale``, so the first solves converge.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,8 @@ class INRConfig:
         hidden: width ``H`` of the equilibrium state.
         out_channels: 3 for RGB.
         init_scale: initial spectral norm of ``W`` (below 1: a contraction at initialisation).
+        activation: the cell's nonlinearity, ``tanh`` or ``relu`` (both 1-Lipschitz, so ``||W|| < 1`` keeps
+            the map a contraction); the explicit twin always uses ReLU.
     """
 
     num_frequencies: int = 64
@@ -41,6 +43,7 @@ class INRConfig:
     hidden: int = 128
     out_channels: int = 3
     init_scale: float = 0.5
+    activation: Literal["tanh", "relu"] = "tanh"
 
     def __post_init__(self) -> None:
         for name in ("num_frequencies", "hidden", "out_channels"):
@@ -49,6 +52,8 @@ class INRConfig:
         if self.fourier_scale <= 0 or self.init_scale <= 0:
             raise ValueError(f"INRConfig: fourier_scale={self.fourier_scale} and init_scale={self.init_scale} "
                              "must be > 0")
+        if self.activation not in ("tanh", "relu"):
+            raise ValueError(f"INRConfig.activation={self.activation!r}: use 'tanh' or 'relu'")
 
 
 #: Named shapes; ``tiny`` is for tests.
@@ -85,15 +90,17 @@ class FourierFeatures(nn.Module):
 
 
 class INRCell(nn.Module):
-    """``f(z, u, k) = tanh(W z + u)`` on rows ``z: (N, H)``, ``u: (N, H)``; ``W`` weight-normalised.
+    """``f(z, u, k) = act(W z + u)`` on rows ``z: (N, H)``, ``u: (N, H)``; ``W`` weight-normalised.
 
     Args:
         hidden: ``H``.
         init_scale: initial spectral norm of ``W``.
+        activation: ``tanh`` or ``relu``.
     """
 
-    def __init__(self, hidden: int, init_scale: float) -> None:
+    def __init__(self, hidden: int, init_scale: float, activation: Literal["tanh", "relu"] = "tanh") -> None:
         super().__init__()
+        self.act = torch.tanh if activation == "tanh" else torch.relu
         self.linear = nn.Linear(hidden, hidden, bias=False)
         with torch.no_grad():
             self.linear.weight.mul_(init_scale / torch.linalg.matrix_norm(self.linear.weight, 2))
@@ -101,7 +108,7 @@ class INRCell(nn.Module):
 
     def forward(self, z_NH: Tensor, u_NH: Tensor, k: int = 0) -> Tensor:
         """One step; returns ``(N, H)``."""
-        return torch.tanh(self.linear(z_NH) + u_NH)
+        return self.act(self.linear(z_NH) + u_NH)
 
 
 class DEQINR(nn.Module):
@@ -203,7 +210,7 @@ def build_inr(
             torch.manual_seed(seed)
         if not implicit:
             return ExplicitMLP(config, freq_gen)
-        cell = INRCell(config.hidden, config.init_scale)
+        cell = INRCell(config.hidden, config.init_scale, config.activation)
         layer = ImplicitLayer(cell, gradient, train_solver, eval_solver if eval_solver is not None else train_solver,
                               separable=True, jacobian=jacobian, states=states)
         return DEQINR(config, layer, freq_gen)

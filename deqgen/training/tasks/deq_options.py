@@ -75,8 +75,19 @@ class RegularizationSection(Section):
 
     jac_weight: float = Field(0.0, ge=0, description="weight of the Hutchinson ||J||_F^2/D term; 0 = off")
     jac_vecs: int = Field(1, ge=1, description="Hutchinson probes per step")
-    fp_states: int | None = Field(None, ge=1, description="trajectory states in the loss (fixed-point correction)")
+    fp_states: int | list[int] | None = Field(
+        None, description="fixed-point correction: n states evenly spaced over the train solver's "
+        "max_iter, or a list of evaluation counts (keep them below the solve's length: a count past its "
+        "end is the answer)")
     fp_gamma: float = Field(0.8, gt=0, le=1, description="fixed-point correction decay (DEQ-Flow 0.8)")
+
+    @field_validator("fp_states")
+    @classmethod
+    def _positive_counts(cls, states: int | list[int] | None) -> int | list[int] | None:
+        counts = [states] if isinstance(states, int) else states or []
+        if any(c < 1 for c in counts) or states == []:
+            raise ValueError(f"fp_states={states!r}: use an integer >= 1 or a non-empty list of counts >= 1")
+        return states
 
 
 class DEQSection(Section):

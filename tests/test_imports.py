@@ -1,9 +1,9 @@
 """Layer rules, read from the source with ``ast`` (module-level and function-local imports alike).
 
-core (problem, stats, solve, solvers, gradients, layer, kv_cache, nn, tree, regularization, files) imports
-nothing from models, training, evaluation or the CLI; models import nothing from training, evaluation or the
-CLI; training reaches a model family only through its task registry (``deqgen.training.tasks``); and the
-package has no import cycle.
+core (problem, stats, solve, solvers, gradients, layer, kv_cache, nn, tree, regularization, files, errors)
+imports nothing from models, training, evaluation or the CLI; models import nothing from training,
+evaluation or the CLI; training reaches a model family only through its task registry
+(``deqgen.training.tasks``); and the package has no import cycle.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "deqgen"
 CORE = ("problem", "stats", "solve", "solvers", "gradients", "layer", "kv_cache", "nn", "tree", "regularization",
-        "files")
+        "files", "errors")
 APPLICATION = ("deqgen.models", "deqgen.training", "deqgen.evaluation", "deqgen.cli")
 
 

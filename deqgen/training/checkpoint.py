@@ -49,6 +49,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from deqgen.errors import CheckpointError
 from deqgen.files import atomic_file, atomic_open, atomic_write_text
 from deqgen.training.distributed import DistInfo, barrier
 from deqgen.training.schema import TrainConfig, config_to_yaml
@@ -75,10 +76,6 @@ MANIFEST_FILE = "MANIFEST.json"
 FORMAT_VERSION = 1
 _FINAL = re.compile(r"^ckpt_(\d{8})$")
 _TEMP = re.compile(r"^\.ckpt_(\d{8})\.(tmp|old)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or corrupt; the message names the file."""
 
 
 class CheckpointWriteError(CheckpointError):

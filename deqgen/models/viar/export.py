@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deqgen.errors import CheckpointError
 from deqgen.files import atomic_dir, atomic_file, atomic_write_text
 from deqgen.models.viar.config import TransformerConfig
 from deqgen.models.viar.model import build_model
@@ -56,10 +57,6 @@ _ST_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not match the model; the message names the file and keys."""
 
 
 def check_state_dict(model: nn.Module, sd: Mapping[str, Tensor], src: str, hint: str = "") -> None:

@@ -488,6 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+_USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                IsADirectoryError, PermissionError)
+"""What a command reports as ``error: ...`` with exit code 2 (``CheckpointError`` is a ``ValueError``)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 success, 2 usage/config/checkpoint errors)."""
     ap = build_parser()
@@ -495,27 +500,29 @@ def main(argv: list[str] | None = None) -> int:
         args = ap.parse_args(argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2), already printed by argparse
         return int(exit_.code or 0)
-    if args.cmd == "train":
-        return _train(args)
-    if args.cmd == "demo":
-        return _demo(args)
-    if args.cmd == "pretokenize":
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        return _pretokenize(args)
+    if args.cmd in ("train", "demo"):
+        return _train(args) if args.cmd == "train" else _demo(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.cmd == "eval":
-        return _eval(args)
-    if args.cmd == "report":
-        return _report(args)
+    commands = {"pretokenize": _pretokenize, "eval": _eval, "report": _report, "convert": _convert_cmd,
+                "sample": _sample_or_edit, "edit": _sample_or_edit}
+    return commands[args.cmd](args)
 
-    from deqgen.models.viar.convert import CheckpointError
 
+def _convert_cmd(args: argparse.Namespace) -> int:
+    """``deqgen convert``: an official checkpoint into a converted directory."""
     try:
-        if args.cmd == "convert":
-            pn = tuple(args.patch_nums) if args.patch_nums else None
-            out = _convert(args.src, args.dst, kind=args.kind, patch_nums=pn, slim=args.slim)
-            print(f"wrote {out}")
-            return 0
+        pn = tuple(args.patch_nums) if args.patch_nums else None
+        out = _convert(args.src, args.dst, kind=args.kind, patch_nums=pn, slim=args.slim)
+    except _USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def _sample_or_edit(args: argparse.Namespace) -> int:
+    """``deqgen sample`` / ``deqgen edit``: load the pair, check the request, generate, write the PNG grid."""
+    try:
         device = _resolve_device(args.device)
         _check_out_png(args.out)
         if args.cmd == "edit":
@@ -531,29 +538,38 @@ def main(argv: list[str] | None = None) -> int:
         kw = {"schedule": args.schedule, "cfg_scale": args.cfg_scale, "top_k": args.top_k,
               "top_p": args.top_p, "solver": solver, "batch_size": args.batch_size, "seed": args.seed}
         if args.cmd == "sample":
-            labels = torch.tensor(args.classes).repeat_interleave(args.per_class)
-            with _autocast(device, args.dtype):
-                images = _generate_in_batches(model, vae, labels, edit_image=None, edit_mask=None, **kw)
-            save_grid(args.out, images, nrow=args.per_class)
+            _sample_grid(args, model, vae, device, kw)
         else:
-            side, ch = vae.config.image_size, vae.config.in_channels
-            x0, y0, x1, y1 = args.box
-            if not (0 <= x0 < x1 <= side and 0 <= y0 < y1 <= side):
-                raise ValueError(f"--box {args.box} must satisfy 0 <= x0 < x1 <= {side} and 0 <= y0 < y1 <= {side}")
-            img = _read_image(args.image, side, ch).expand(args.samples, -1, -1, -1)
-            mask = torch.zeros(side, side, dtype=torch.bool)
-            mask[y0:y1, x0:x1] = True
-            with _autocast(device, args.dtype):
-                region = ~mask if args.outpaint else mask
-                images = _generate_in_batches(model, vae, torch.full((args.samples,), args.label),
-                                              edit_image=img, edit_mask=region, **kw)
-            save_grid(args.out, torch.cat([(img[:1] + 1) / 2, images]), nrow=args.samples + 1)
-        print(f"wrote {args.out}")
-        return 0
-    except (CheckpointError, ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError,
-            NotADirectoryError, IsADirectoryError, PermissionError) as err:
+            _edit_grid(args, model, vae, device, kw)
+    except _USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _sample_grid(args: argparse.Namespace, model: Any, vae: Any, device: torch.device, kw: dict[str, Any]) -> None:
+    """``deqgen sample``: ``--per-class`` images of every ``--classes`` entry, one row per class."""
+    labels = torch.tensor(args.classes).repeat_interleave(args.per_class)
+    with _autocast(device, args.dtype):
+        images = _generate_in_batches(model, vae, labels, edit_image=None, edit_mask=None, **kw)
+    save_grid(args.out, images, nrow=args.per_class)
+
+
+def _edit_grid(args: argparse.Namespace, model: Any, vae: Any, device: torch.device, kw: dict[str, Any]) -> None:
+    """``deqgen edit``: the input image, then ``--samples`` edits of its ``--box`` (or of the rest)."""
+    side, ch = vae.config.image_size, vae.config.in_channels
+    x0, y0, x1, y1 = args.box
+    if not (0 <= x0 < x1 <= side and 0 <= y0 < y1 <= side):
+        raise ValueError(f"--box {args.box} must satisfy 0 <= x0 < x1 <= {side} and 0 <= y0 < y1 <= {side}")
+    img = _read_image(args.image, side, ch).expand(args.samples, -1, -1, -1)
+    mask = torch.zeros(side, side, dtype=torch.bool)
+    mask[y0:y1, x0:x1] = True
+    with _autocast(device, args.dtype):
+        region = ~mask if args.outpaint else mask
+        images = _generate_in_batches(model, vae, torch.full((args.samples,), args.label),
+                                      edit_image=img, edit_mask=region, **kw)
+    save_grid(args.out, torch.cat([(img[:1] + 1) / 2, images]), nrow=args.samples + 1)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from deqgen.problem import FixedPointProblem
+from deqgen import solvers
 from deqgen.solvers import SOLVERS
 from deqgen.solvers.base import Solver, run
 from deqgen.stats import Solution
@@ -68,7 +69,7 @@ def torchdeq_solver(name: str) -> Callable[..., tuple[Tensor, list[Tensor], Any]
                 f"deqgen_{key} (via torchdeq) got unknown option(s) {unknown}; valid options: "
                 f"{sorted(fields | set(aliases))}"
             )
-        base = cls(tol=tol, stop_mode=stop_mode, max_iter=int(max_iter), **opts)  # type: ignore[arg-type]
+        base = solvers.get(key, tol=tol, stop_mode=stop_mode, max_iter=int(max_iter), **opts)
         return _solve_segments(base, func, x0, indexing)
 
     solve.__name__ = f"deqgen_{key}"

@@ -41,7 +41,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -187,12 +187,12 @@ def mdeq_runs(spec: SolveSpec, lr: float, seed: int) -> list[Run]:
     return runs
 
 
-def inr_runs(spec: SolveSpec, lr: float, seed: int) -> list[Run]:
+def inr_runs(spec: SolveSpec, lr: float, seed: int, activation: str) -> list[Run]:
     """Four INR runs from one initialisation: deqgen / torchdeq x JFB / implicit."""
     runs = []
     base = {
         g: build_inr(
-            INR_PRESETS["image"],
+            replace(INR_PRESETS["image"], activation=activation),
             generator=torch.Generator().manual_seed(seed),
             **_deqgen_parts(spec, g == "implicit"),
         )
@@ -415,7 +415,7 @@ def bench_inr(args: argparse.Namespace) -> str:
     image = _china(h, w)
     coords, rgb = pixel_grid(h, w), image.permute(1, 2, 0).reshape(-1, 3)
     spec = SolveSpec(train_tol=1e-4, train_max_iter=30, eval_tol=1e-4, eval_max_iter=60)
-    runs = inr_runs(spec, lr=2e-3, seed=args.seed)
+    runs = inr_runs(spec, lr=2e-3, seed=args.seed, activation=args.inr_activation)
     cache: dict[int, Tensor] = {}
 
     def step(run: Run, idx: Tensor) -> Tensor:
@@ -428,7 +428,8 @@ def bench_inr(args: argparse.Namespace) -> str:
     for run in runs:
         eval_inr(run, coords, rgb, spec)
     head = (
-        f"DEQ INR china.jpg {h}x{w}: {args.inr_epochs} epochs, batch 1024, Adam 2e-3, warm starts (both); "
+        f"DEQ INR ({args.inr_activation} cell) china.jpg {h}x{w}: {args.inr_epochs} epochs, batch 1024, "
+        "Adam 2e-3, warm starts (both); "
         f"Anderson m=5 rel, tol {spec.train_tol} / {spec.train_max_iter} it "
         f"(eval {spec.eval_max_iter} it, cold, one batch); "
         f"implicit backward Anderson tol {spec.back_tol} / {spec.back_max_iter} it"
@@ -446,6 +447,7 @@ def main() -> None:
     p.add_argument("--mdeq-eval-tol", type=float, default=1e-4)
     p.add_argument("--mdeq-eval-iter", type=int, default=100)
     p.add_argument("--inr-epochs", type=int, default=20)
+    p.add_argument("--inr-activation", choices=("tanh", "relu"), default="relu", help="the INR cell's")
     p.add_argument("--inr-side", type=int, default=64, help="image height (width = 1.5x) without --full")
     p.add_argument("--full", action="store_true", help="the recipes' data sizes")
     p.add_argument("--seed", type=int, default=0)

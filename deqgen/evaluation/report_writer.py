@@ -20,7 +20,8 @@ from deqgen.evaluation.convergence import ConvergenceCurve, solver_gap
 from deqgen.evaluation.report import ReportSettings
 from deqgen.evaluation.sampling_sweep import SweepResult
 from deqgen.evaluation.training_memory import MemoryPoint
-from deqgen.files import atomic_file, atomic_write_text
+from deqgen.files import atomic_write_text
+from deqgen.plots import matplotlib_available, new_figure, save_figure, tab_colors
 
 __all__ = ["PAPER", "ReportData", "require_matplotlib", "write_report"]
 
@@ -307,36 +308,24 @@ def write_report(d: ReportData, out_dir: Path) -> Path:
     return path
 
 
-def require_matplotlib() -> Any:
-    """``matplotlib.pyplot`` with the Agg backend; raises ImportError naming the extra to install."""
-    try:
-        import matplotlib
-    except ImportError as err:
-        raise ImportError("deqgen report draws its plots with matplotlib: pip install 'deqgen[eval]'") from err
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> None:
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+def require_matplotlib() -> None:
+    """Raise ImportError naming the extra to install when matplotlib is missing (the report's plots need it)."""
+    if not matplotlib_available():
+        raise ImportError("deqgen report draws its plots with matplotlib: pip install 'deqgen[eval]'")
 
 
 def _plots(d: ReportData, out_dir: Path) -> dict[str, str]:
-    plt = require_matplotlib()
+    require_matplotlib()
     names = {"memory": "training_memory.png", "quality": "quality_vs_throughput.png",
              "convergence": "convergence.png"}
-    figs = [_plot_memory(plt, d), _plot_quality(plt, d), _plot_convergence(plt, d)]
+    figs = [_plot_memory(d), _plot_quality(d), _plot_convergence(d)]
     for fig, name in zip(figs, names.values()):
-        _save(fig, out_dir / name)
-        plt.close(fig)
+        save_figure(fig, out_dir / name, dpi=110)
     return names
 
 
-def _plot_memory(plt: Any, d: ReportData) -> Any:
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+def _plot_memory(d: ReportData) -> Any:
+    fig, axes = new_figure(1, 3, figsize=(13, 3.6))
     for impl, style in (("deqgen", "o-"), ("official", "s--")):
         pts = sorted((m for m in d.memory if m.impl == impl), key=lambda m: m.k1)
         k1 = [m.k1 for m in pts]
@@ -354,9 +343,9 @@ def _plot_memory(plt: Any, d: ReportData) -> Any:
     return fig
 
 
-def _plot_quality(plt: Any, d: ReportData) -> Any:
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
-    colors = plt.get_cmap("tab20").colors
+def _plot_quality(d: ReportData) -> Any:
+    fig, axes = new_figure(1, 2, figsize=(13, 4.6))
+    colors = tab_colors("tab20")
     for i, r in enumerate(d.sweep):
         marker = "s" if r.config.model == "var" else ("^" if r.config.warm_start else "o")
         color = "black" if r.config.model == "var" else colors[i % len(colors)]
@@ -377,10 +366,10 @@ def _plot_quality(plt: Any, d: ReportData) -> Any:
     return fig
 
 
-def _plot_convergence(plt: Any, d: ReportData) -> Any:
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
+def _plot_convergence(d: ReportData) -> Any:
+    fig, axes = new_figure(1, 2, figsize=(13, 4.4))
     styles = {"iteration": "-", "lean": "--"}
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = tab_colors("tab10")
     K = d.settings.convergence_iterations
     for cache, curves in d.convergence.items():
         for c in curves:

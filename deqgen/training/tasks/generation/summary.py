@@ -26,6 +26,7 @@ from deqgen.models.viar.convert import load_converted
 from deqgen.models.viar.model import NextScaleTransformer
 from deqgen.models.viar.sampling import generate
 from deqgen.models.viar.vqvae import MultiScaleVQVAE
+from deqgen.plots import matplotlib_available, new_figure, save_figure
 from deqgen.training.task import TrainResult
 from deqgen.training.tasks.generation.config import SamplingSection, build_schedule
 
@@ -93,21 +94,14 @@ def _side_by_side(path: Path, grids: list[Tensor], per_class: int) -> None:
 
 
 def _loss_plot(path: Path, curves: dict[str, list[tuple[int, float]]]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not matplotlib_available():
         logger.warning("matplotlib is not installed; no %s (pip install 'deqgen[recipes]')", path.name)
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     for name, points in curves.items():
         ax.plot([x for x, _ in points], [y for _, y in points], label=name)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy")
     ax.legend()
     ax.grid(alpha=0.3)
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
-    plt.close(fig)
+    save_figure(fig, path)

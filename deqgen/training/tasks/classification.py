@@ -24,9 +24,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 from deqgen.data.digits import DigitsData, load_digits, split
-from deqgen.files import atomic_file, atomic_write_text
+from deqgen.files import atomic_write_text
 from deqgen.images import save_grid
 from deqgen.models.mdeq import PRESETS, MDEQConfig, build_classifier
+from deqgen.plots import matplotlib_available, new_figure, save_figure
 from deqgen.training.distributed import DistInfo
 from deqgen.training.schema import Section, TrainConfig
 from deqgen.training.task import ModelRole, Randomness, StepOutput, TaskDefaults, TrainResult
@@ -207,15 +208,10 @@ def _metric_curve(path: Path, key: str) -> list[tuple[int, float]]:
 
 
 def _save_confusion(path: Path, confusion: Tensor) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not matplotlib_available():
         logger.warning("matplotlib is not installed; no %s (pip install 'deqgen[recipes]')", path.name)
         return
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = new_figure(figsize=(4, 4))
     ax.imshow(confusion.numpy(), cmap="Blues")
     k = confusion.shape[0]
     for i in range(k):
@@ -227,9 +223,7 @@ def _save_confusion(path: Path, confusion: Tensor) -> None:
     ax.set_xticks(range(k))
     ax.set_yticks(range(k))
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def _save_hardest(path: Path, data: DigitsData, indices: Tensor) -> None:

@@ -17,8 +17,9 @@ from torch import Tensor
 
 from deqgen import gradients as _gradients
 from deqgen import solvers as _solvers
-from deqgen.files import atomic_file, atomic_open, atomic_write_text
+from deqgen.files import atomic_open, atomic_write_text
 from deqgen.gradients import GradInfo
+from deqgen.plots import matplotlib_available, new_figure, save_figure
 from deqgen.regularization import fp_correction, jac_reg
 from deqgen.training.schema import Section
 
@@ -163,14 +164,9 @@ def save_weights(directory: Path, state: dict[str, Tensor], config: dict[str, An
 
 def plot_curves(path: Path, curves: dict[str, Sequence[tuple[int, float]]], ylabel: str) -> bool:
     """A line plot of ``name -> [(step, value)]``; False (and nothing written) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not matplotlib_available():
         return False
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = new_figure(figsize=(5, 3.2))
     for name, points in curves.items():
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
@@ -178,7 +174,5 @@ def plot_curves(path: Path, curves: dict[str, Sequence[tuple[int, float]]], ylab
     ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return True

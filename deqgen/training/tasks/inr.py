@@ -28,9 +28,10 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
-from deqgen.files import atomic_file, atomic_write_text
+from deqgen.files import atomic_write_text
 from deqgen.images import save_grid
 from deqgen.models.inr import PRESETS, INRConfig, build_inr, pixel_grid
+from deqgen.plots import matplotlib_available, new_figure, save_figure
 from deqgen.training.distributed import DistInfo
 from deqgen.training.schema import Section, TrainConfig
 from deqgen.training.task import ModelRole, Randomness, StepOutput, TaskDefaults, TrainResult
@@ -228,19 +229,12 @@ def _metric_curve(path: Path, key: str) -> list[tuple[int, float]]:
 
 
 def _save_nfe_map(path: Path, nfe_HW: Tensor) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not matplotlib_available():
         logger.warning("matplotlib is not installed; no %s (pip install 'deqgen[recipes]')", path.name)
         return
-    fig, ax = plt.subplots(figsize=(4.2, 3))
+    fig, ax = new_figure(figsize=(4.2, 3))
     im = ax.imshow(nfe_HW.numpy(), cmap="magma")
     fig.colorbar(im, ax=ax, label="forward NFE")
     ax.set_axis_off()
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

@@ -32,8 +32,10 @@ def measure(role: str, checkpointed: bool, width: int, batch: int, device: str) 
     from deqgen.training.tasks.generation import GenerationTask
 
     overrides = [f"{s}.embed_dim={width}" for s in ("model", "baseline")]
-    overrides += [f"training.activation_checkpointing={str(checkpointed).lower()}",
-                  "logging.out_dir=/tmp/unused"]
+    overrides += [
+        f"training.activation_checkpointing={str(checkpointed).lower()}",
+        "logging.out_dir=/tmp/unused",
+    ]
     cfg = load_config(MNIST, overrides, check_paths=False)
     task = GenerationTask(cfg, DistInfo(), Path("/tmp/unused"), cast(Any, None), cast(Any, None))
     model = task.build_model(ModelRole(role, role), torch.Generator().manual_seed(0)).to(device).train()
@@ -43,16 +45,22 @@ def measure(role: str, checkpointed: bool, width: int, batch: int, device: str) 
     target = torch.randint(0, c.vocab_size, (batch, c.seq_len), device=device)
 
     def step() -> None:
-        logits, _ = model(labels, feats, generator=torch.Generator(device).manual_seed(1),
-                          shared_generator=torch.Generator().manual_seed(2))
+        logits, _ = model(
+            labels,
+            feats,
+            generator=torch.Generator(device).manual_seed(1),
+            shared_generator=torch.Generator().manual_seed(2),
+        )
         F.cross_entropy(logits.flatten(0, 1), target.flatten()).backward()
         model.zero_grad(set_to_none=False)
 
     step()  # gradients allocated, kernels warm
     base = reset_peak_memory(device)
     step()
-    return {"step_MiB": (peak_memory_bytes(device) - base) / 2**20,
-            "params": float(sum(p.numel() for p in model.parameters()))}
+    return {
+        "step_MiB": (peak_memory_bytes(device) - base) / 2**20,
+        "params": float(sum(p.numel() for p in model.parameters())),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,12 +79,25 @@ def main(argv: list[str] | None = None) -> int:
     for role, name in (("model", "VIAR"), ("baseline", "VAR")):
         peaks = []
         for ckpt in ("0", "1"):
-            cmd = [sys.executable, __file__, "--width", str(a.width), "--batch", str(a.batch),
-                   "--device", a.device, "--child", role, ckpt]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--width",
+                str(a.width),
+                "--batch",
+                str(a.batch),
+                "--device",
+                a.device,
+                "--child",
+                role,
+                ckpt,
+            ]
             done = subprocess.run(cmd, check=True, capture_output=True, text=True)
             peaks.append(json.loads(done.stdout)["step_MiB"])
-        print(f"| {name} | {a.width} | {a.batch} | {a.device} | {peaks[0]:.1f} | {peaks[1]:.1f} | "
-              f"{1 - peaks[1] / peaks[0]:.0%} |")
+        print(
+            f"| {name} | {a.width} | {a.batch} | {a.device} | {peaks[0]:.1f} | {peaks[1]:.1f} | "
+            f"{1 - peaks[1] / peaks[0]:.0%} |"
+        )
     return 0
 
 

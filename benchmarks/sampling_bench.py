@@ -50,13 +50,24 @@ def _one(kind: str, schedule: str | None, cache: str, width: int, batch: int, re
     warm = cache.endswith("+warm")
     cache = cache.removesuffix("+warm")
     kw = {"warm_start": True} if warm else {}
-    generate(model, vae, labels, schedule=schedule, cfg_scale=1.5, top_k=900, top_p=0.96, seed=0,
-             cache=cache, **kw)  # warm
+    generate(
+        model, vae, labels, schedule=schedule, cfg_scale=1.5, top_k=900, top_p=0.96, seed=0, cache=cache, **kw
+    )  # warm
     times, cpu_times, res = [], [], None
     for r in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
-        res = generate(model, vae, labels, schedule=schedule, cfg_scale=1.5, top_k=900, top_p=0.96, seed=r,
-                       cache=cache, **kw)
+        res = generate(
+            model,
+            vae,
+            labels,
+            schedule=schedule,
+            cfg_scale=1.5,
+            top_k=900,
+            top_p=0.96,
+            seed=r,
+            cache=cache,
+            **kw,
+        )
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)  # CPU seconds: less sensitive to other jobs on the box
     assert res is not None
@@ -111,8 +122,9 @@ def count_ops() -> None:
             dynamo.reset()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                ex = dynamo.explain(lambda lab, f, m=m: m(lab, f, generator=torch.Generator().manual_seed(0))[0])(
-                    torch.arange(4) % m.num_classes, feats)
+                ex = dynamo.explain(
+                    lambda lab, f, m=m: m(lab, f, generator=torch.Generator().manual_seed(0))[0]
+                )(torch.arange(4) % m.num_classes, feats)
             graphs.append(f"{ex.graph_count} / {ex.graph_break_count}")
         print(f"| {name} | {ops[1]} | {ops[16]} | {ops[16] / ops[1]:.2f} | {graphs[0]} | {graphs[1]} |")
 
@@ -123,10 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None, help="PNG plot path")
-    ap.add_argument("--only", nargs="+", type=int, default=None, metavar="ROW",
-                    help="run only these rows of the table (0 = VAR, always included), e.g. --only 2 4")
-    ap.add_argument("--count-ops", action="store_true",
-                    help="print dispatched-op counts per sampled batch and dynamo graph breaks, then exit")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="ROW",
+        help="run only these rows of the table (0 = VAR, always included), e.g. --only 2 4",
+    )
+    ap.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="print dispatched-op counts per sampled batch and dynamo graph breaks, then exit",
+    )
     ap.add_argument("--child", nargs=3, metavar=("KIND", "SCHEDULE", "CACHE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.count_ops:
@@ -134,26 +155,48 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.child:
         kind, schedule, cache = args.child
-        print(json.dumps(_one(kind, None if schedule == "-" else schedule, cache, args.width, args.batch, args.repeats)))
+        print(
+            json.dumps(
+                _one(kind, None if schedule == "-" else schedule, cache, args.width, args.batch, args.repeats)
+            )
+        )
         return 0
     rows = []
     chosen = [CONFIGS[i] for i in sorted({0, *args.only})] if args.only else CONFIGS
     for label, kind, schedule, cache in chosen:
-        cmd = [sys.executable, __file__, "--width", str(args.width), "--batch", str(args.batch), "--repeats",
-               str(args.repeats), "--child", kind, schedule or "-", cache]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--width",
+            str(args.width),
+            "--batch",
+            str(args.batch),
+            "--repeats",
+            str(args.repeats),
+            "--child",
+            kind,
+            schedule or "-",
+            cache,
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         rows.append((label, json.loads(out)))
     var = rows[0][1]
-    print(f"width {args.width}, batch {args.batch} (+{args.batch} unconditional rows), 10 scales, CPU, "
-          f"median of {args.repeats}\n")
-    print("| configuration | img/s | x VAR | img per CPU-s | peak RSS (MB) | KV-cache MB | x VAR | "
-          "mean implicit iters per scale |")
+    print(
+        f"width {args.width}, batch {args.batch} (+{args.batch} unconditional rows), 10 scales, CPU, "
+        f"median of {args.repeats}\n"
+    )
+    print(
+        "| configuration | img/s | x VAR | img per CPU-s | peak RSS (MB) | KV-cache MB | x VAR | "
+        "mean implicit iters per scale |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for label, r in rows:
         its = ", ".join(f"{v:.1f}" for v in r["iterations"]) if "VIAR" in label else "-"
-        print(f"| {label} | {r['img_per_s']:.2f} | {r['img_per_s'] / var['img_per_s']:.2f} | "
-              f"{r['img_per_cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['kv_bytes'] / 2**20:.1f} | {r['kv_bytes'] / var['kv_bytes']:.2f} | {its} |")
+        print(
+            f"| {label} | {r['img_per_s']:.2f} | {r['img_per_s'] / var['img_per_s']:.2f} | "
+            f"{r['img_per_cpu_s']:.2f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['kv_bytes'] / 2**20:.1f} | {r['kv_bytes'] / var['kv_bytes']:.2f} | {its} |"
+        )
     if args.out:
         import matplotlib
 

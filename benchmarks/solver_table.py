@@ -27,15 +27,19 @@ from tests.problems import benchmark_problem  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--problems", nargs="+", default=["P1", "P2", "P3", "P4"])
     parser.add_argument("--tols", nargs="+", type=float, default=[1e-4, 1e-6])
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (P4 uses at most 3)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    print("| P | tol | solver | deqgen ms | torchdeq ms | ratio | nfe deqgen / torchdeq | calls deqgen / torchdeq "
-          "| conv deqgen / torchdeq | max res deqgen / torchdeq | deqgen ovh |")
+    print(
+        "| P | tol | solver | deqgen ms | torchdeq ms | ratio | nfe deqgen / torchdeq | calls deqgen / torchdeq "
+        "| conv deqgen / torchdeq | max res deqgen / torchdeq | deqgen ovh |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.problems:
         bp = benchmark_problem(name, torch.float32)

@@ -66,8 +66,9 @@ def structured_vs_packed(B: int = 32, C: int = 8, H: int = 16) -> None:
 
     def f_packed(z: Tensor) -> Tensor:
         n = z.shape[0]
-        a_new, b_new = cell.branches(z[:, :na].reshape(n, C, H, H), z[:, na:].reshape(n, 2 * C, H // 2, H // 2),
-                                     xa, xb)
+        a_new, b_new = cell.branches(
+            z[:, :na].reshape(n, C, H, H), z[:, na:].reshape(n, 2 * C, H // 2, H // 2), xa, xb
+        )
         return torch.cat([a_new.reshape(n, -1), b_new.reshape(n, -1)], 1)
 
     z0_packed = torch.cat([z0[0].reshape(B, -1), z0[1].reshape(B, -1)], 1)
@@ -81,8 +82,10 @@ def structured_vs_packed(B: int = 32, C: int = 8, H: int = 16) -> None:
         nfe_p = deqgen.fixed_point(f_packed, z0_packed, solver).stats.iterations
     ratio = statistics.median(s / p for s, p in rows)
     t_s, t_p = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
-    print(f"| structured vs packed, B={B}, ({C},{H},{H}) + ({2 * C},{H // 2},{H // 2}), Anderson tol 1e-5 "
-          f"| {t_s * 1e3:.1f} ms | {t_p * 1e3:.1f} ms | {ratio:.3f}x | iterations {nfe} / {nfe_p} |")
+    print(
+        f"| structured vs packed, B={B}, ({C},{H},{H}) + ({2 * C},{H // 2},{H // 2}), Anderson tol 1e-5 "
+        f"| {t_s * 1e3:.1f} ms | {t_p * 1e3:.1f} ms | {ratio:.3f}x | iterations {nfe} / {nfe_p} |"
+    )
 
 
 def _tutorial_model() -> tuple[nn.Module, Tensor]:
@@ -108,8 +111,10 @@ def separable_rows() -> None:
             layer.train(mode == "train")
             _, info = layer(x, torch.zeros_like(x))
             st = info.forward.stats
-            print(f"| separable={separable}, {mode} | {st.rows_evaluated / B:.2f} | "
-                  f"{st.nfe.double().mean().item():.2f} | {st.iterations} |")
+            print(
+                f"| separable={separable}, {mode} | {st.rows_evaluated / B:.2f} | "
+                f"{st.nfe.double().mean().item():.2f} | {st.iterations} |"
+            )
 
 
 if __name__ == "__main__":

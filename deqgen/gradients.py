@@ -204,7 +204,9 @@ class JFB(GradientMethod):
         self, step: Step, z0: Tensor, solver: Solver[Any], generator: torch.Generator | None = None
     ) -> tuple[Tensor, GradInfo]:
         sol = forward_solve(step, z0, solver)
-        return self.backprop_from(step, sol.z, sol.stats.iterations), GradInfo(sol.stats.iterations, self.k, sol)
+        return self.backprop_from(step, sol.z, sol.stats.iterations), GradInfo(
+            sol.stats.iterations, self.k, sol
+        )
 
     def backprop_from(self, step: Step, z: Tensor, k: int) -> Tensor:
         return _tracked_steps(step, z, k, self.k)
@@ -300,7 +302,9 @@ class Phantom(GradientMethod):
         self, step: Step, z0: Tensor, solver: Solver[Any], generator: torch.Generator | None = None
     ) -> tuple[Tensor, GradInfo]:
         sol = forward_solve(step, z0, solver)
-        return self.backprop_from(step, sol.z, sol.stats.iterations), GradInfo(sol.stats.iterations, self.k, sol)
+        return self.backprop_from(step, sol.z, sol.stats.iterations), GradInfo(
+            sol.stats.iterations, self.k, sol
+        )
 
     def backprop_from(self, step: Step, z: Tensor, k: int) -> Tensor:
         return _tracked_steps(step, z, k, self.k, self.damping)

@@ -113,11 +113,15 @@ def _state_counts(states: States, max_iter: int) -> tuple[int, ...]:
         return ()
     if isinstance(states, int) and not isinstance(states, bool):
         if states < 1:
-            raise ValueError(f"states={states}; use an integer >= 1 (evenly spaced states) or a list of counts")
+            raise ValueError(
+                f"states={states}; use an integer >= 1 (evenly spaced states) or a list of counts"
+            )
         return tuple(math.ceil(max_iter * (i + 1) / states) for i in range(states))
     counts = tuple(states)
     if not counts or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in counts):
-        raise ValueError(f"states={states!r}; use an integer >= 1 or a non-empty list of evaluation counts >= 1")
+        raise ValueError(
+            f"states={states!r}; use an integer >= 1 or a non-empty list of evaluation counts >= 1"
+        )
     return counts
 
 
@@ -134,7 +138,9 @@ def _pack(z0: State) -> tuple[Tensor, TreeSpec | None]:
         spec = spec_of(z0, "z0")
         return spec.pack(z0, "z0"), spec
     if not isinstance(z0, Tensor):
-        raise TypeError(f"z0 must be a tensor (B, *S) or a tuple/list/dict of tensors, got {type(z0).__name__}")
+        raise TypeError(
+            f"z0 must be a tensor (B, *S) or a tuple/list/dict of tensors, got {type(z0).__name__}"
+        )
     return z0, None
 
 
@@ -289,9 +295,7 @@ class ImplicitLayer(nn.Module):
         _state_counts(states, self.train_solver.max_iter)  # validate now
         self.states = states
 
-    def forward(
-        self, x: Any, z0: State, generator: torch.Generator | None = None
-    ) -> tuple[State, GradInfo]:
+    def forward(self, x: Any, z0: State, generator: torch.Generator | None = None) -> tuple[State, GradInfo]:
         """Solve for ``z*``.
 
         Args:
@@ -306,8 +310,16 @@ class ImplicitLayer(nn.Module):
         """
         if self.training and torch.is_grad_enabled():
             return implicit_solve(
-                self.f, x, z0, self.gradient, self.train_solver, generator=generator, separable=self.separable,
-                trace=self.trace, jacobian=self.jacobian, states=self.states,
+                self.f,
+                x,
+                z0,
+                self.gradient,
+                self.train_solver,
+                generator=generator,
+                separable=self.separable,
+                trace=self.trace,
+                jacobian=self.jacobian,
+                states=self.states,
             )
         return self._solve_detached(x, z0, generator)
 

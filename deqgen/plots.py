@@ -25,7 +25,9 @@ def matplotlib_available() -> bool:
     return True
 
 
-def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] = (6.0, 4.0)) -> tuple[Any, Any]:
+def new_figure(
+    nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] = (6.0, 4.0)
+) -> tuple[Any, Any]:
     """A pyplot-free figure and its axes (as ``Figure.subplots`` returns them: one ``Axes`` or an array).
 
     Raises:

@@ -83,7 +83,11 @@ class FixedPointProblem:
                 f"FixedPointProblem.x must be a batched tensor when separable=True (deqgen passes f the rows "
                 f"x[rows]), got {type(self.x).__name__}; keep other inputs in f's closure and index them with rows"
             )
-        if isinstance(self.x, Tensor) and self.separable and (self.x.dim() == 0 or self.x.shape[0] != self.batch_size):
+        if (
+            isinstance(self.x, Tensor)
+            and self.separable
+            and (self.x.dim() == 0 or self.x.shape[0] != self.batch_size)
+        ):
             raise ValueError(
                 f"FixedPointProblem.x has shape {tuple(self.x.shape)} but z0 has batch size {self.batch_size}; "
                 "with separable=True, x must be batched along dim 0 like z0"

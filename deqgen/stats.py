@@ -115,7 +115,9 @@ class Solution:
     def raise_for_status(self, allow: tuple[Status, ...] = (Status.CONVERGED, Status.BUDGET)) -> Solution:
         """Raise :class:`SolverError` naming each failed sample, or return ``self``."""
         status = self.stats.status
-        bad = ~torch.isin(status, torch.tensor([int(s) for s in allow], dtype=status.dtype, device=status.device))
+        bad = ~torch.isin(
+            status, torch.tensor([int(s) for s in allow], dtype=status.dtype, device=status.device)
+        )
         if bool(bad.any()):
             rows = bad.nonzero().flatten().tolist()
             lines = [

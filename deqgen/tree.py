@@ -43,7 +43,9 @@ def _leaves(state: Any, what: str) -> tuple[Kind, tuple[str, ...], list[Tensor]]
     elif isinstance(state, (tuple, list)):
         kind, keys, leaves = ("tuple" if isinstance(state, tuple) else "list"), (), list(state)
     else:
-        raise TypeError(f"{what} must be a tensor or a tuple/list/dict of tensors, got {type(state).__name__}")
+        raise TypeError(
+            f"{what} must be a tensor or a tuple/list/dict of tensors, got {type(state).__name__}"
+        )
     for i, leaf in enumerate(leaves):
         if not isinstance(leaf, Tensor):
             name = keys[i] if keys else i
@@ -122,9 +124,7 @@ class TreeSpec:
         """The structure back from ``flat: (B, D)``: views when the leaf dtype is the packed one, else casts."""
         B = flat.shape[0]
         parts = flat.split(self.sizes, dim=1)
-        leaves = [
-            p.reshape(B, *s).to(dt) for p, s, dt in zip(parts, self.shapes, self.dtypes, strict=True)
-        ]
+        leaves = [p.reshape(B, *s).to(dt) for p, s, dt in zip(parts, self.shapes, self.dtypes, strict=True)]
         if self.kind == "dict":
             return dict(zip(self.keys, leaves, strict=True))
         return tuple(leaves) if self.kind == "tuple" else leaves

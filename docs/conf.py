@@ -67,8 +67,9 @@ def splice_generated(app, docname: str, source: list[str]) -> None:  # type: ign
     if marker is None:
         return
     if marker not in source[0]:
-        raise RuntimeError(f"docs/{docname}.md lost its marker line {marker!r}; put it back where the table "
-                           "goes")
+        raise RuntimeError(
+            f"docs/{docname}.md lost its marker line {marker!r}; put it back where the table goes"
+        )
     source[0] = source[0].replace(marker, config_reference())
 
 

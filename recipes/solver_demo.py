@@ -42,7 +42,11 @@ def _problems(gen: torch.Generator, dtype: torch.dtype) -> dict[str, tuple[Calla
         return torch.tanh(pick(c, rows) * (z @ W.T) + pick(inj, rows))
 
     z0 = torch.zeros(B, D, dtype=dtype)
-    return {"linear (0.8)": (linear, z0), "tanh-MLP (0.95)": (tanh_mlp, z0), "mixed rows (0.3-0.97)": (mixed, z0)}
+    return {
+        "linear (0.8)": (linear, z0),
+        "tanh-MLP (0.95)": (tanh_mlp, z0),
+        "mixed rows (0.3-0.97)": (mixed, z0),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _status_text(status: Tensor) -> str:
-    return ", ".join(f"{int((status == s).sum())} {s.name.lower()}" for s in Status if bool((status == s).any()))
+    return ", ".join(
+        f"{int((status == s).sum())} {s.name.lower()}" for s in Status if bool((status == s).any())
+    )
 
 
 if __name__ == "__main__":

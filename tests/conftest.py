@@ -12,7 +12,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # Benchmarks are skipped in the default run; --benchmark-only times them, --benchmark-disable runs each
     # once as a smoke test (what CI does).
     run_benchmarks = config.getoption("benchmark_only", False) or config.getoption("benchmark_disable", False)
-    skip_bench = pytest.mark.skip(reason="benchmark: run with --benchmark-only (timing) or --benchmark-disable (smoke)")
+    skip_bench = pytest.mark.skip(
+        reason="benchmark: run with --benchmark-only (timing) or --benchmark-disable (smoke)"
+    )
     for item in items:
         if "benchmark" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.benchmark)
@@ -44,4 +46,5 @@ def tiny_viar_dirs(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no
     vae = MultiScaleVQVAE(VQVAE_PRESETS["vae_tiny"])
     vae.init_weights(torch.Generator().manual_seed(0))
     return save_converted(root / "viar", m.state_dict(), "viar", m.cfg), save_converted(
-        root / "vae", vae.state_dict(), "vqvae", vae.config)
+        root / "vae", vae.state_dict(), "vqvae", vae.config
+    )

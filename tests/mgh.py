@@ -142,7 +142,9 @@ MGH_PROBLEMS: tuple[MGHProblem, ...] = (
     MGHProblem("Chebyquad n=5", chebyquad, _points(*[(j + 1) / 6 for j in range(5)])),
     MGHProblem("Brown almost-linear n=10", brown_almost_linear, _points(*[0.5] * _N)),
     MGHProblem("Discrete boundary value n=10", discrete_boundary_value, _points(*[t * (t - 1) for t in _T])),
-    MGHProblem("Discrete integral equation n=10", discrete_integral_equation, _points(*[t * (t - 1) for t in _T])),
+    MGHProblem(
+        "Discrete integral equation n=10", discrete_integral_equation, _points(*[t * (t - 1) for t in _T])
+    ),
     MGHProblem("Trigonometric n=10", trigonometric, _points(*[1.0 / _N] * _N)),
     MGHProblem("Broyden tridiagonal n=10", broyden_tridiagonal, _points(*[-1.0] * _N)),
     MGHProblem("Broyden banded n=10", broyden_banded, _points(*[-1.0] * _N)),

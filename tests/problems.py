@@ -114,7 +114,12 @@ class _Block(nn.Module):
 
 
 def attention(
-    B: int = 8, L: int = 256, C: int = 256, heads: int = 4, seed: int = 1004, dtype: torch.dtype = torch.float64
+    B: int = 8,
+    L: int = 256,
+    C: int = 256,
+    heads: int = 4,
+    seed: int = 1004,
+    dtype: torch.dtype = torch.float64,
 ) -> BankProblem:
     rng_state = torch.get_rng_state()
     try:

@@ -42,18 +42,30 @@ def test_every_flag_has_help_and_its_default_is_shown(cmd: str) -> None:
             assert f"(default: {action.default})" in " ".join(text.split()), (cmd, action.dest)
 
 
-def test_sample_refuses_the_null_class(tiny_viar_dirs: tuple[Path, Path], tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_sample_refuses_the_null_class(
+    tiny_viar_dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     num_classes = load_converted(tiny_viar_dirs[0]).num_classes
     out = tmp_path / "grid.png"
-    rc = main(["sample", str(tiny_viar_dirs[0]), "--vqvae", str(tiny_viar_dirs[1]), "--classes",
-               str(num_classes), "--out", str(out)])
+    rc = main(
+        [
+            "sample",
+            str(tiny_viar_dirs[0]),
+            "--vqvae",
+            str(tiny_viar_dirs[1]),
+            "--classes",
+            str(num_classes),
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 2 and not out.exists()
     assert f"--classes {num_classes}" in capsys.readouterr().err
 
 
-def test_convert_slim_reads_an_official_training_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_convert_slim_reads_an_official_training_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """An ``ar-ckpt`` with a pickled ``utils.arg_util.Args`` (the official code is not importable when it is
     read): refused without ``--slim``, converted with it, and equal to the model that was saved."""
     pkg, mod = types.ModuleType("utils"), types.ModuleType("utils.arg_util")
@@ -76,21 +88,42 @@ def test_convert_slim_reads_an_official_training_checkpoint(tmp_path: Path, monk
     got = load_converted(tmp_path / "out").state_dict()
     assert set(got) == set(m.state_dict())
     assert all(torch.equal(got[k], v) for k, v in m.state_dict().items())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ar-ckpt-last.pth", "out"]  # no slim file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ar-ckpt-last.pth",
+        "out",
+    ]  # no slim file left behind
 
 
-def test_eval_names_the_cli_flag_for_missing_inception_weights(tiny_viar_dirs: tuple[Path, Path], tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_names_the_cli_flag_for_missing_inception_weights(
+    tiny_viar_dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "s.npz"
-    rc = main(["eval", str(tiny_viar_dirs[0]), "--vqvae", str(tiny_viar_dirs[1]), "--per-class", "1",
-               "--out", str(out), "--inception-weights", str(tmp_path / "missing.pth")])
+    rc = main(
+        [
+            "eval",
+            str(tiny_viar_dirs[0]),
+            "--vqvae",
+            str(tiny_viar_dirs[1]),
+            "--per-class",
+            "1",
+            "--out",
+            str(out),
+            "--inception-weights",
+            str(tmp_path / "missing.pth"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and not out.exists()
-    assert "--inception-weights /path/to/weights-inception" in err and "feature_extractor_weights_path" not in err
+    assert (
+        "--inception-weights /path/to/weights-inception" in err
+        and "feature_extractor_weights_path" not in err
+    )
 
 
 def test_eval_out_help_names_the_shard_folder_the_code_uses() -> None:
     from deqgen.evaluation.sample_files import shard_dir_for
 
     help_text = " ".join(_subparser("eval").format_help().split())
-    assert shard_dir_for("samples.npz").name == "samples_shards" and "samples.npz: samples_shards/" in help_text
+    assert (
+        shard_dir_for("samples.npz").name == "samples_shards" and "samples.npz: samples_shards/" in help_text
+    )

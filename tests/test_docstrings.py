@@ -124,7 +124,11 @@ def undocumented(module: ModuleType) -> list[str]:
 
 def test_the_walk_finds_the_library() -> None:
     # Guards the walk itself: a broken walk would make every other test here pass vacuously.
-    for name in ("deqgen.solvers.anderson", "deqgen.models.viar.convert", "deqgen.training.tasks.generation.config"):
+    for name in (
+        "deqgen.solvers.anderson",
+        "deqgen.models.viar.convert",
+        "deqgen.training.tasks.generation.config",
+    ):
         assert name in MODULES
     assert not any(part.startswith("_") for name in MODULES for part in name.split("."))
 

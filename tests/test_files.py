@@ -38,8 +38,9 @@ def _mode(p: Path) -> int:
     return stat.S_IMODE(p.stat().st_mode)
 
 
-@pytest.mark.parametrize(("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700),
-                                                              (0o002, 0o664, 0o775)])
+@pytest.mark.parametrize(
+    ("mask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)]
+)
 def test_modes_follow_the_umask(  # type: ignore[no-untyped-def]
     umask, tmp_path: Path, mask: int, file_mode: int, dir_mode: int
 ) -> None:

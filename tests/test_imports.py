@@ -14,8 +14,20 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "deqgen"
-CORE = ("problem", "stats", "solve", "solvers", "gradients", "layer", "kv_cache", "nn", "tree", "regularization",
-        "files", "errors")
+CORE = (
+    "problem",
+    "stats",
+    "solve",
+    "solvers",
+    "gradients",
+    "layer",
+    "kv_cache",
+    "nn",
+    "tree",
+    "regularization",
+    "files",
+    "errors",
+)
 APPLICATION = ("deqgen.models", "deqgen.training", "deqgen.evaluation", "deqgen.cli")
 
 
@@ -59,7 +71,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:
@@ -83,7 +95,9 @@ def _is_under(module: str, prefixes: tuple[str, ...]) -> bool:
 GRAPH = import_graph()
 
 
-@pytest.mark.parametrize("module", sorted(m for m in GRAPH if _is_under(m, tuple(f"deqgen.{c}" for c in CORE))))
+@pytest.mark.parametrize(
+    "module", sorted(m for m in GRAPH if _is_under(m, tuple(f"deqgen.{c}" for c in CORE)))
+)
 def test_core_imports_no_application_layer(module: str) -> None:
     bad = sorted(m for m in GRAPH[module] if _is_under(m, APPLICATION))
     assert not bad, f"{module} (core) imports {bad}"
@@ -91,12 +105,20 @@ def test_core_imports_no_application_layer(module: str) -> None:
 
 @pytest.mark.parametrize("module", sorted(m for m in GRAPH if _is_under(m, ("deqgen.models",))))
 def test_models_import_no_training_evaluation_or_cli(module: str) -> None:
-    bad = sorted(m for m in GRAPH[module] if _is_under(m, ("deqgen.training", "deqgen.evaluation", "deqgen.cli")))
+    bad = sorted(
+        m for m in GRAPH[module] if _is_under(m, ("deqgen.training", "deqgen.evaluation", "deqgen.cli"))
+    )
     assert not bad, f"{module} imports {bad}"
 
 
-@pytest.mark.parametrize("module", sorted(m for m in GRAPH if _is_under(m, ("deqgen.training",))
-                                          and not _is_under(m, ("deqgen.training.tasks",))))
+@pytest.mark.parametrize(
+    "module",
+    sorted(
+        m
+        for m in GRAPH
+        if _is_under(m, ("deqgen.training",)) and not _is_under(m, ("deqgen.training.tasks",))
+    ),
+)
 def test_training_engine_reaches_models_only_through_the_task_registry(module: str) -> None:
     bad = sorted(m for m in GRAPH[module] if _is_under(m, ("deqgen.models",)))
     assert not bad, f"{module} imports {bad}; go through deqgen.training.tasks"

@@ -73,7 +73,13 @@ def test_get_deq_ift_training_gradients_match_closed_form(f_solver: str) -> None
     register_torchdeq_solvers()
     lin, x = _layer(1)
     deq = torchdeq.get_deq(
-        f_solver=f_solver, b_solver="deqgen_picard", f_max_iter=100, b_max_iter=200, f_tol=1e-11, b_tol=1e-11, ift=True
+        f_solver=f_solver,
+        b_solver="deqgen_picard",
+        f_max_iter=100,
+        b_max_iter=200,
+        f_tol=1e-11,
+        b_tol=1e-11,
+        ift=True,
     )
     deq.train()
     z_out, info = deq(lambda z: torch.tanh(lin(z) + x), torch.zeros(B, D, dtype=torch.float64))
@@ -86,7 +92,9 @@ def test_get_deq_ift_training_gradients_match_closed_form(f_solver: str) -> None
 def test_get_deq_indexing_core_returns_requested_states() -> None:
     register_torchdeq_solvers()
     lin, x = _layer(2)
-    deq = torchdeq.get_deq(core="indexing", f_solver="deqgen_picard", f_max_iter=30, f_tol=1e-12, n_states=2, grad=1)
+    deq = torchdeq.get_deq(
+        core="indexing", f_solver="deqgen_picard", f_max_iter=30, f_tol=1e-12, n_states=2, grad=1
+    )
     deq.train()
     z_out, _ = deq(lambda z: torch.tanh(lin(z) + x), torch.zeros(B, D, dtype=torch.float64))
     assert len(z_out) == 2
@@ -97,4 +105,6 @@ def test_get_deq_indexing_core_returns_requested_states() -> None:
         for _ in range(15):
             z = torch.tanh(lin(z) + x)
     assert torch.allclose(z_out[0].detach(), z, rtol=0, atol=1e-14)
-    assert (z_out[0].detach() - torch.tanh(lin(z) + x)).abs().max() > 1e-11  # one more step is distinguishable
+    assert (
+        z_out[0].detach() - torch.tanh(lin(z) + x)
+    ).abs().max() > 1e-11  # one more step is distinguishable

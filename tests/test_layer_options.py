@@ -116,8 +116,14 @@ def test_fixed_point_correction_equals_a_hand_written_reference(kind: str) -> No
         else:  # exact IFT at the state: dL/dtheta = u^T df/dtheta with u = (I - J)^-T g, by dense solve
             zz = start.clone().requires_grad_()
             fz = ref(zz, x, n)
-            J = torch.stack([torch.autograd.functional.jacobian(
-                lambda v, b=b: torch.tanh(x[0][b] * (v @ ref.W.T) + x[1][b]), start[b]) for b in range(B)])
+            J = torch.stack(
+                [
+                    torch.autograd.functional.jacobian(
+                        lambda v, b=b: torch.tanh(x[0][b] * (v @ ref.W.T) + x[1][b]), start[b]
+                    )
+                    for b in range(B)
+                ]
+            )
             state = _IFT.apply(fz, J)
         ref_losses.append((state - target).pow(2).mean())
     total = sum(0.8 ** (2 - i) * loss for i, loss in enumerate(ref_losses))
@@ -149,7 +155,14 @@ def test_states_evenly_spaced_and_unsupported_methods() -> None:
     with pytest.raises(ValueError, match="fixed-point correction"):
         implicit_solve(RowCell(), _x(), torch.zeros(B, D, dtype=F64), Unrolled(k=2), Picard(), states=2)
     with pytest.raises(ValueError, match="fixed-point correction"):
-        implicit_solve(RowCell(), _x(), torch.zeros(B, D, dtype=F64), SJFB(), Picard(), states=2,
-                       generator=torch.Generator())
+        implicit_solve(
+            RowCell(),
+            _x(),
+            torch.zeros(B, D, dtype=F64),
+            SJFB(),
+            Picard(),
+            states=2,
+            generator=torch.Generator(),
+        )
     with pytest.raises(ValueError, match="states=0"):
         ImplicitLayer(RowCell(), JFB(), states=0)

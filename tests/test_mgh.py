@@ -42,7 +42,9 @@ def test_discrete_boundary_value_and_integral_equation_share_their_root() -> Non
     sols = []
     for name in ("Discrete boundary value n=10", "Discrete integral equation n=10"):
         p = _BY_NAME[name]
-        r = root(lambda v: p.F(torch.tensor(v[None]))[0].numpy(), p.start()[0].numpy(), method="hybr", tol=1e-14)
+        r = root(
+            lambda v: p.F(torch.tensor(v[None]))[0].numpy(), p.start()[0].numpy(), method="hybr", tol=1e-14
+        )
         sols.append(torch.tensor(r.x))
     assert torch.allclose(sols[0], sols[1], rtol=0, atol=1e-6)
 

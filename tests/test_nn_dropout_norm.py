@@ -119,8 +119,11 @@ def _count_parametrization_calls(lin: nn.Module) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("method", [JFB(k=2), ImplicitDiff(), SJFB(no_grad=(3, 5), with_grad=(1, 3))],
-                         ids=["jfb", "implicit", "sjfb"])
+@pytest.mark.parametrize(
+    "method",
+    [JFB(k=2), ImplicitDiff(), SJFB(no_grad=(3, 5), with_grad=(1, 3))],
+    ids=["jfb", "implicit", "sjfb"],
+)
 def test_weight_norm_is_computed_once_per_forward_and_grads_reach_the_raw_weights(method) -> None:
     cell = NormCell("weight")
     calls = _count_parametrization_calls(cell.lin)

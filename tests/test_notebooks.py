@@ -39,8 +39,9 @@ def _execute(path: Path, run: Path, cwd: Path) -> nbformat.NotebookNode:
 
     nb = nbformat.read(path, as_version=4)
     env = {**os.environ, "DEQGEN_NOTEBOOK_RUN": str(run)}
-    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                                     resources={"metadata": {"path": str(cwd)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+    )
     try:
         client.km = client.create_kernel_manager()
         client.start_new_kernel(env=env)

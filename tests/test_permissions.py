@@ -54,10 +54,20 @@ def _written(root: Path) -> list[str]:
 def _tiny_train_args(out: Path) -> list[str]:
     """``deqgen train`` of the CPU recipe shrunk to seconds: the tokenizer and VIAR trained 2 steps each."""
     overrides = [
-        f"logging.out_dir={out}", "data.source=sklearn", "data.val_fraction=0.5", "baseline=null",
-        "tokenizer.train.steps=2", "tokenizer.train.batch_size=16", "model.embed_dim=16", "model.num_heads=2",
-        "training.global_batch_size=8", "training.micro_batch_size=8", "training.max_steps=2",
-        "optim.warmup_steps=0", "logging.log_every_n_steps=1", "logging.progress_bar=false",
+        f"logging.out_dir={out}",
+        "data.source=sklearn",
+        "data.val_fraction=0.5",
+        "baseline=null",
+        "tokenizer.train.steps=2",
+        "tokenizer.train.batch_size=16",
+        "model.embed_dim=16",
+        "model.num_heads=2",
+        "training.global_batch_size=8",
+        "training.micro_batch_size=8",
+        "training.max_steps=2",
+        "optim.warmup_steps=0",
+        "logging.log_every_n_steps=1",
+        "logging.progress_bar=false",
         "sampling.samples_per_class=1",
     ]
     return ["train", str(MNIST), *[a for o in overrides for a in ("--set", o)]]
@@ -69,8 +79,15 @@ def test_a_training_run_is_readable_by_others_under_umask_022(tmp_path: Path) ->
         assert main(_tiny_train_args(out)) == 0
     written = _written(out)
     # the run wrote what a user shares: its config, tokenizer, checkpoint, export, grids, plots and metrics
-    for name in ("config.yaml", "tokenizer/model.safetensors", "viar/model.safetensors", "grid.png",
-                 "metrics.json", "model_metrics.jsonl", ".deqgen.lock"):
+    for name in (
+        "config.yaml",
+        "tokenizer/model.safetensors",
+        "viar/model.safetensors",
+        "grid.png",
+        "metrics.json",
+        "model_metrics.jsonl",
+        ".deqgen.lock",
+    ):
         assert name in written, written
     assert any(n.startswith("checkpoints/") and n.endswith("MANIFEST.json") for n in written), written
     assert _wrong_modes(out, 0o022) == {}
@@ -94,8 +111,9 @@ def test_sample_files_follow_the_umask(tmp_path: Path, mask: int) -> None:
     out = tmp_path / "samples"
     with _umask(mask):
         write_samples_npz(out / "one.npz", images)
-        writer = ShardedSampleWriter(out / "shards", total=4, num_classes=2, rank=0, world_size=1,
-                                     chunk_size=2)
+        writer = ShardedSampleWriter(
+            out / "shards", total=4, num_classes=2, rank=0, world_size=1, chunk_size=2
+        )
         for chunk in writer.chunks():
             writer.write(chunk, images[chunk.start : chunk.stop])
         merge_shards(out / "shards", out / "merged.npz")

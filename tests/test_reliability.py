@@ -41,8 +41,9 @@ def _open(cfg, *, overwrite: bool = False) -> None:  # type: ignore[no-untyped-d
 
 
 def _cfg(out: Path, *extra: str):  # type: ignore[no-untyped-def]
-    return load_config(MNIST, [f"logging.out_dir={json.dumps(str(out))}", *extra], check_paths=False,
-                       device="cpu")
+    return load_config(
+        MNIST, [f"logging.out_dir={json.dumps(str(out))}", *extra], check_paths=False, device="cpu"
+    )
 
 
 # ---- the run directory's lock ------------------------------------------------------------------------------
@@ -103,6 +104,7 @@ def test_cli_train_into_a_busy_directory_exits_2_naming_the_process(
 
 # ---- non-empty run directories, --overwrite, resume compatibility ------------------------------------------
 
+
 def _previous_run(out: Path, cfg) -> dict[str, bytes]:  # type: ignore[no-untyped-def]
     (out / "tokenizer").mkdir(parents=True)
     (out / "tokenizer" / "model.safetensors").write_bytes(b"the old tokenizer")
@@ -152,6 +154,7 @@ def test_a_resume_of_another_model_is_refused_before_config_or_tokenizer_change(
 
 # ---- out_dir and recipe errors, before anything is written -------------------------------------------------
 
+
 def test_out_dir_that_is_a_file_or_under_a_file_is_named(tmp_path: Path) -> None:
     f = tmp_path / "notes.txt"
     f.write_text("mine")
@@ -172,15 +175,25 @@ def test_out_dir_without_write_permission_is_named(tmp_path: Path) -> None:
 
 def test_warmup_epochs_not_below_epochs_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"optim\.warmup_epochs: got 2\.0; must be below training\.epochs"):
-        load_config(MNIST, ["training.max_steps=null", "training.epochs=2", "optim.warmup_steps=null",
-                            "optim.warmup_epochs=2"])
+        load_config(
+            MNIST,
+            [
+                "training.max_steps=null",
+                "training.epochs=2",
+                "optim.warmup_steps=null",
+                "optim.warmup_epochs=2",
+            ],
+        )
 
 
-@pytest.mark.parametrize("text, key", [
-    ("model: {depth: 2}\noptim: {}\nmodel: {depth: 3}\n", "model"),
-    ("optim:\n  lr_per_256: 1.0e-3\n  eps: 1.0e-8\n  lr_per_256: 2.0e-3\n", "lr_per_256"),
-    ("model:\n  implicit:\n    pre_depth: 1\n    pre_depth: 2\n", "pre_depth"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("model: {depth: 2}\noptim: {}\nmodel: {depth: 3}\n", "model"),
+        ("optim:\n  lr_per_256: 1.0e-3\n  eps: 1.0e-8\n  lr_per_256: 2.0e-3\n", "lr_per_256"),
+        ("model:\n  implicit:\n    pre_depth: 1\n    pre_depth: 2\n", "pre_depth"),
+    ],
+)
 def test_duplicate_yaml_keys_at_any_depth_are_errors(tmp_path: Path, text: str, key: str) -> None:
     path = tmp_path / "dup.yaml"
     path.write_text(text)
@@ -189,6 +202,7 @@ def test_duplicate_yaml_keys_at_any_depth_are_errors(tmp_path: Path, text: str, 
 
 
 # ---- checkpoints: pruning and a full disk ------------------------------------------------------------------
+
 
 def _save(mgr: CheckpointManager, *steps: int) -> None:
     for s in steps:
@@ -244,6 +258,7 @@ def test_disk_full_says_so_keeps_the_previous_checkpoint_and_leaves_no_partial_s
 
 # ---- every CLI command: out of range, wrong type, wrong kind of file ---------------------------------------
 
+
 @pytest.fixture(scope="module")
 def dirs(tiny_viar_dirs: tuple[Path, Path]) -> tuple[Path, Path]:
     return tiny_viar_dirs
@@ -254,24 +269,46 @@ def _sample(dirs: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
 
 
 def _edit(dirs: tuple[Path, Path], image: Path, out: Path, *extra: str) -> list[str]:
-    return ["edit", str(dirs[0]), "--vqvae", str(dirs[1]), "--image", str(image), "--box", "0", "0", "8", "8",
-            "--class", "1", "--out", str(out), *extra]
+    return [
+        "edit",
+        str(dirs[0]),
+        "--vqvae",
+        str(dirs[1]),
+        "--image",
+        str(image),
+        "--box",
+        "0",
+        "0",
+        "8",
+        "8",
+        "--class",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (("--per-class", "0"), "--per-class: must be >= 1"),
-    (("--per-class", "-3"), "--per-class: must be >= 1"),
-    (("--per-class", "two"), "--per-class: invalid"),
-    (("--cfg-scale", "-1"), "--cfg-scale/--cfg: must be a finite number >= 0"),
-    (("--cfg", "-0.5"), "--cfg-scale/--cfg: must be a finite number >= 0"),
-    (("--cfg", "nan"), "--cfg-scale/--cfg: must be a finite number >= 0"),
-    (("--top-p", "1.5"), "--top-p: must lie in [0, 1]"),
-    (("--top-k", "-1"), "--top-k: must be >= 0"),
-    (("--solver", "newton"), "--solver: invalid choice"),
-    (("--seed", "x"), "--seed: invalid"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--per-class", "0"), "--per-class: must be >= 1"),
+        (("--per-class", "-3"), "--per-class: must be >= 1"),
+        (("--per-class", "two"), "--per-class: invalid"),
+        (("--cfg-scale", "-1"), "--cfg-scale/--cfg: must be a finite number >= 0"),
+        (("--cfg", "-0.5"), "--cfg-scale/--cfg: must be a finite number >= 0"),
+        (("--cfg", "nan"), "--cfg-scale/--cfg: must be a finite number >= 0"),
+        (("--top-p", "1.5"), "--top-p: must lie in [0, 1]"),
+        (("--top-k", "-1"), "--top-k: must be >= 0"),
+        (("--solver", "newton"), "--solver: invalid choice"),
+        (("--seed", "x"), "--seed: invalid"),
+    ],
+)
 def test_sample_arguments_out_of_range_or_of_the_wrong_type(
-    dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...],
+    dirs: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: tuple[str, ...],
     message: str,
 ) -> None:
     out = tmp_path / "g.png"
@@ -303,10 +340,12 @@ def test_sample_wrong_kind_of_file(
     out = tmp_path / "g.png"
     text = tmp_path / "notes.txt"
     text.write_text("not a model")
-    args = {"missing": _sample((tmp_path / "nope", dirs[1]), out),
-            "text": _sample((text, dirs[1]), out),
-            "directory": _sample(dirs, tmp_path),  # --out is a folder
-            "file_as_model": _sample((dirs[0] / "config.json", dirs[1]), out)}[kind]
+    args = {
+        "missing": _sample((tmp_path / "nope", dirs[1]), out),
+        "text": _sample((text, dirs[1]), out),
+        "directory": _sample(dirs, tmp_path),  # --out is a folder
+        "file_as_model": _sample((dirs[0] / "config.json", dirs[1]), out),
+    }[kind]
     assert main(args) == 2
     assert "error:" in capsys.readouterr().err and not out.exists()
 
@@ -339,14 +378,20 @@ def test_edit_refuses_a_non_image_zero_samples_and_the_null_class(
     assert not out.exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (("--per-class", "0"), "--per-class: must be >= 1"),
-    (("--per-class", "1", "--batch-size", "0"), "--batch-size: must be >= 1"),
-    (("--per-class", "1", "--cfg", "-2"), "must be a finite number >= 0"),
-    (("--per-class", "1", "--classes", "99999"), "the model has classes"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--per-class", "0"), "--per-class: must be >= 1"),
+        (("--per-class", "1", "--batch-size", "0"), "--batch-size: must be >= 1"),
+        (("--per-class", "1", "--cfg", "-2"), "must be a finite number >= 0"),
+        (("--per-class", "1", "--classes", "99999"), "the model has classes"),
+    ],
+)
 def test_eval_arguments_out_of_range(
-    dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...],
+    dirs: tuple[Path, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: tuple[str, ...],
     message: str,
 ) -> None:
     out = tmp_path / "s.npz"
@@ -377,7 +422,6 @@ def test_convert_report_pretokenize_and_train_wrong_kinds(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
-
 def test_convert_never_deletes_the_users_files_and_converts_into_dot(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -398,7 +442,9 @@ def test_convert_never_deletes_the_users_files_and_converts_into_dot(
     assert main(["convert", src, ".", *pyramid]) == 0  # over its own previous conversion
     assert sorted(p.name for p in here.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
+
 # ---- tiny trainings: the metrics log, the batch/dataset check, a full disk ---------------------------------
+
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -414,11 +460,23 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _tiny(out: Path, tokenizer: Path, *extra: str) -> list[str]:
-    return [f"logging.out_dir={out}", f"tokenizer.checkpoint={tokenizer}", "tokenizer.train=null",
-            "baseline=null", "model.embed_dim=16", "model.num_heads=2", "data.val_fraction=0.9",
-            "training.global_batch_size=8", "training.micro_batch_size=8", "training.max_steps=1",
-            "optim.warmup_steps=0", "logging.log_every_n_steps=1", "logging.progress_bar=false",
-            "sampling.samples_per_class=1", *extra]
+    return [
+        f"logging.out_dir={out}",
+        f"tokenizer.checkpoint={tokenizer}",
+        "tokenizer.train=null",
+        "baseline=null",
+        "model.embed_dim=16",
+        "model.num_heads=2",
+        "data.val_fraction=0.9",
+        "training.global_batch_size=8",
+        "training.micro_batch_size=8",
+        "training.max_steps=1",
+        "optim.warmup_steps=0",
+        "logging.log_every_n_steps=1",
+        "logging.progress_bar=false",
+        "sampling.samples_per_class=1",
+        *extra,
+    ]
 
 
 def test_a_restart_from_nothing_logs_each_step_once(tokenizer_dir: Path, tmp_path: Path) -> None:
@@ -441,8 +499,13 @@ def test_a_global_batch_larger_than_the_data_names_both_batch_fields(
 ) -> None:
     from deqgen.training.train import run
 
-    overrides = _tiny(tmp_path / "run", tokenizer_dir, "data.val_fraction=0.999",
-                      "training.global_batch_size=64", "training.micro_batch_size=32")
+    overrides = _tiny(
+        tmp_path / "run",
+        tokenizer_dir,
+        "data.val_fraction=0.999",
+        "training.global_batch_size=64",
+        "training.micro_batch_size=32",
+    )
     cfg = load_config(MNIST, overrides, device="cpu")
     with pytest.raises(ValueError, match=r"global_batch_size=64 \(training\.micro_batch_size=32") as e:
         run(cfg)

@@ -65,8 +65,10 @@ def test_combined_rule_stops_at_the_first_iterate_meeting_either_test(atol: floa
     z0 = torch.ones(1, 4, dtype=F64)
     sol = fixed_point(lambda z: z / 2, z0, Picard(tol=1e-3, stop_mode="rel", atol=atol, max_iter=40))
     if atol:
-        assert int(sol.stats.status[0]) == Status.CONVERGED and int(sol.stats.nfe[0]) == math.ceil(math.log2(2e6))
-        assert torch.equal(sol.z, z0 * 2.0 ** -20)
+        assert int(sol.stats.status[0]) == Status.CONVERGED and int(sol.stats.nfe[0]) == math.ceil(
+            math.log2(2e6)
+        )
+        assert torch.equal(sol.z, z0 * 2.0**-20)
     else:  # every iterate has rel = 1: none is strictly better than the start, which is returned
         assert int(sol.stats.status[0]) == Status.MAX_ITER and int(sol.stats.nfe[0]) == 40
         assert torch.equal(sol.z, z0)

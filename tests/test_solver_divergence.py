@@ -51,8 +51,11 @@ def test_issue_example_doubling_map_is_not_converged(dtype: torch.dtype) -> None
     # The issue's reproduction: Picard on f(z) = 2z from ones. The relative residual is exactly 1/2 at every
     # finite iterate; the iterate doubles until it overflows.
     tol = 1e-6 if dtype == torch.float32 else 1e-10
-    sol = fixed_point(lambda z: 2 * z, torch.ones(1, 10, dtype=dtype), get("picard", tol=tol, stop_mode="rel",
-                                                                         max_iter=2000))
+    sol = fixed_point(
+        lambda z: 2 * z,
+        torch.ones(1, 10, dtype=dtype),
+        get("picard", tol=tol, stop_mode="rel", max_iter=2000),
+    )
     assert int(sol.stats.status[0]) == Status.NON_FINITE, sol.stats.summary()
     assert float(sol.stats.rel_residual[0]) == 0.5
     # f(z_k) = 2^(k+1) * ones(10) has the l2 norm sqrt(10) 2^(k+1): the first evaluation whose norm exceeds the
@@ -67,7 +70,9 @@ def test_large_finite_entries_do_not_overflow_the_norms(cls, dtype: torch.dtype)
     # f(z) = 1.001 z from z0 = c * ones with c^2 * D above the dtype's max: the squares overflow, the entries do
     # not. The relative residual is 0.001 / 1.001 at any nonzero iterate, so tol 1e-6 is not met at z0.
     D = 16
-    c = math.sqrt(torch.finfo(dtype).max) / 2  # c^2 * D = max * 4 overflows; 1.001 c and D * (0.001 c)^2 do not
+    c = (
+        math.sqrt(torch.finfo(dtype).max) / 2
+    )  # c^2 * D = max * 4 overflows; 1.001 c and D * (0.001 c)^2 do not
     z0 = torch.full((1, D), c, dtype=dtype)
     sol = fixed_point(lambda z: 1.001 * z, z0, cls(tol=1e-6, stop_mode="rel", max_iter=1), trace=True)
     assert int(sol.stats.status[0]) == Status.MAX_ITER, sol.stats.summary()
@@ -83,13 +88,16 @@ def test_large_finite_entries_do_not_overflow_the_norms(cls, dtype: torch.dtype)
 @pytest.mark.parametrize("cls", SOLVERS, ids=IDS)
 @pytest.mark.parametrize("stop_mode", ["abs", "rel"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_half_precision_under_autocast_never_converges_without_fixed_point(cls, stop_mode: str,
-                                                                          dtype: torch.dtype) -> None:
+def test_half_precision_under_autocast_never_converges_without_fixed_point(
+    cls, stop_mode: str, dtype: torch.dtype
+) -> None:
     z0 = torch.ones(2, 10, dtype=dtype)
     with torch.autocast("cpu", dtype=dtype):
         sol = fixed_point(_no_fixed_point, z0, cls(tol=1e-3, stop_mode=stop_mode, max_iter=500))
     assert sol.z.dtype == dtype
-    assert all(s in (Status.NON_FINITE, Status.MAX_ITER) for s in sol.stats.status.tolist()), sol.stats.summary()
+    assert all(s in (Status.NON_FINITE, Status.MAX_ITER) for s in sol.stats.status.tolist()), (
+        sol.stats.summary()
+    )
     assert torch.isfinite(sol.z).all()
 
 
@@ -100,4 +108,6 @@ def test_half_precision_without_autocast_never_converges(cls, stop_mode: str, dt
     # bf16 keeps float32's exponent range: its squares overflow a float32 accumulator (the fp16 range cannot)
     z0 = torch.ones(2, 10, dtype=dtype)
     sol = fixed_point(_no_fixed_point, z0, cls(tol=1e-2, stop_mode=stop_mode, max_iter=500))
-    assert all(s in (Status.NON_FINITE, Status.MAX_ITER) for s in sol.stats.status.tolist()), sol.stats.summary()
+    assert all(s in (Status.NON_FINITE, Status.MAX_ITER) for s in sol.stats.status.tolist()), (
+        sol.stats.summary()
+    )

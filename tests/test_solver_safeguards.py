@@ -48,12 +48,10 @@ def test_divergent_row_does_not_stall_the_batch(stop_mode: str) -> None:
     assert torch.allclose(sol.z[0], torch.full((4,), 2.0, dtype=F64), atol=1e-9)
 
 
-
 def test_solve_does_not_track_gradients() -> None:
     w = torch.tensor(0.5, requires_grad=True)
     sol = fixed_point(lambda z: w * z + 1, torch.zeros(2, 2), Anderson(tol=1e-6))
     assert not sol.z.requires_grad
-
 
 
 def _drive(solver, zs: list[torch.Tensor], gs: list[torch.Tensor]):
@@ -64,7 +62,6 @@ def _drive(solver, zs: list[torch.Tensor], gs: list[torch.Tensor]):
         z_next, state = solver.step(state, z, z + g, g, torch.linalg.vector_norm(g, dim=1))
         outs.append(z_next)
     return outs, state
-
 
 
 def _anderson_trial(base_x, base_g, dX: list, dG: list, t: float) -> torch.Tensor:
@@ -170,7 +167,6 @@ def test_cuda_fixed_budget_makes_no_host_sync(cls) -> None:
     assert sol.z.is_cuda and bool((sol.stats.status == Status.BUDGET).all())
 
 
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls", SOLVERS)
 def test_cuda_matches_cpu(cls) -> None:
@@ -183,7 +179,6 @@ def test_cuda_matches_cpu(cls) -> None:
 
     gpu = fixed_point(f, bp.z0.cuda(), cls(tol=1e-10, max_iter=300), separable=True)
     assert torch.equal(gpu.stats.nfe.cpu(), cpu.stats.nfe) and (gpu.z.cpu() - cpu.z).abs().max() < 1e-9
-
 
 
 def test_separable_problem_needs_tensor_injection() -> None:

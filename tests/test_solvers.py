@@ -126,8 +126,10 @@ def test_picard_rate_and_secant_exactness_on_scalar_jacobian(cls) -> None:
     a = torch.tensor([0.5, 0.8, -0.6], dtype=F64)
     b = torch.randn(3, 5, generator=torch.Generator().manual_seed(3), dtype=F64)
     tol = 1e-9
-    solver = cls(tol=tol, stop_mode="abs", max_iter=200) if cls is not Anderson else Anderson(
-        tol=tol, stop_mode="abs", max_iter=200, lam=0.0
+    solver = (
+        cls(tol=tol, stop_mode="abs", max_iter=200)
+        if cls is not Anderson
+        else Anderson(tol=tol, stop_mode="abs", max_iter=200, lam=0.0)
     )
     sol = fixed_point(_scalar_linear(a, b), torch.zeros(3, 5, dtype=F64), solver, separable=True)
     exact = b / (1 - a[:, None])
@@ -135,8 +137,10 @@ def test_picard_rate_and_secant_exactness_on_scalar_jacobian(cls) -> None:
     # ||z - z*|| = ||f(z) - z|| / (1 - a) for this map
     assert bool(((sol.z - exact).norm(dim=1) <= tol / (1 - a.abs()) * (1 + 1e-6)).all())
     if cls is Picard:
-        expect = [next(k for k in range(200) if abs(float(ai)) ** k * float(b[i].norm()) <= tol) + 1
-                  for i, ai in enumerate(a)]
+        expect = [
+            next(k for k in range(200) if abs(float(ai)) ** k * float(b[i].norm()) <= tol) + 1
+            for i, ai in enumerate(a)
+        ]
         assert sol.stats.nfe.tolist() == expect
     else:
         assert sol.stats.nfe.tolist() == [3, 3, 3]
@@ -177,8 +181,9 @@ def test_batch_invariance(cls, separable: bool, check_every: int) -> None:
     assert full.stats.all_converged, full.stats.summary()
     nfes = []
     for i in range(B):
-        alone = fixed_point(_only(bp.f, [i]), bp.z0[i : i + 1], cls(tol=tol, max_iter=max_iter),
-                            separable=True)
+        alone = fixed_point(
+            _only(bp.f, [i]), bp.z0[i : i + 1], cls(tol=tol, max_iter=max_iter), separable=True
+        )
         assert float((alone.z[0] - full.z[i]).abs().max()) <= 1e-10, i
         assert int(alone.stats.nfe[0]) == int(full.stats.nfe[i]), i
         assert int(alone.stats.status[0]) == int(full.stats.status[i])
@@ -399,16 +404,28 @@ def test_f_receives_iteration_numbers_rows_and_x(cls, with_x: bool, separable: b
 
     def f(z, *args, rows=None):
         k = args[-1]
-        calls.append({"k": k, "rows": None if rows is None else rows.tolist(), "z": z.clone(),
-                      "x": args[0] if with_x else None})
+        calls.append(
+            {
+                "k": k,
+                "rows": None if rows is None else rows.tolist(),
+                "z": z.clone(),
+                "x": args[0] if with_x else None,
+            }
+        )
         return bp.f(z, rows=rows) if separable else bp.f(z)
 
     if not separable:
         f_call = (lambda z, x_, k: f(z, x_, k)) if with_x else (lambda z, k: f(z, k))
     else:
         f_call = f
-    sol = fixed_point(f_call, bp.z0, cls(tol=1e-10, max_iter=200), x=x if with_x else None, indexed=True,
-                      separable=separable)
+    sol = fixed_point(
+        f_call,
+        bp.z0,
+        cls(tol=1e-10, max_iter=200),
+        x=x if with_x else None,
+        indexed=True,
+        separable=separable,
+    )
     st = sol.stats
     assert st.all_converged
     assert [c["k"] for c in calls] == list(range(st.iterations))  # k = 0 for z0, then 1, 2, ...
@@ -517,8 +534,9 @@ def test_max_iter_returns_best_iterate_of_manual_picard_loop(stop_mode: str) -> 
 @pytest.mark.parametrize("check_every", [1, 4])
 def test_max_iter_returns_lowest_residual_iterate_for_every_solver(cls, check_every: int) -> None:
     z0 = torch.tensor([[-2.0], [-0.5], [0.3]], dtype=F64)
-    sol = fixed_point(_rising_map, z0, cls(tol=1e-3, stop_mode="abs", max_iter=25, check_every=check_every),
-                      trace=True)
+    sol = fixed_point(
+        _rising_map, z0, cls(tol=1e-3, stop_mode="abs", max_iter=25, check_every=check_every), trace=True
+    )
     st = sol.stats
     assert st.status.tolist() == [Status.MAX_ITER] * 3 and st.nfe.tolist() == [25] * 3
     assert st.abs_trace.shape == (25, 3) and torch.isfinite(st.abs_trace).all()
@@ -541,8 +559,13 @@ def test_fixed_budget_mode(cls, separable: bool) -> None:
         calls.append(z.shape[0])
         return bp.f(z, rows=rows)
 
-    sol = fixed_point(f if separable else (lambda z: f(z)), bp.z0, cls(tol=None, max_iter=max_iter),
-                      separable=separable, throw=True)  # BUDGET is not a failure
+    sol = fixed_point(
+        f if separable else (lambda z: f(z)),
+        bp.z0,
+        cls(tol=None, max_iter=max_iter),
+        separable=separable,
+        throw=True,
+    )  # BUDGET is not a failure
     st = sol.stats
     assert calls == [3] * max_iter and st.iterations == max_iter and st.rows_evaluated == 3 * max_iter
     assert st.status.tolist() == [Status.BUDGET] * 3 and st.nfe.tolist() == [max_iter] * 3
@@ -571,6 +594,7 @@ def test_fixed_budget_returns_the_step_after_the_last_evaluation(cls) -> None:
     b = torch.randn(2, 6, generator=torch.Generator().manual_seed(5), dtype=F64)
     f = _scalar_linear(a, b)
     z0 = torch.zeros(2, 6, dtype=F64)
+
     def mk(n: int):
         return Anderson(tol=None, max_iter=n, lam=0.0) if cls is Anderson else cls(tol=None, max_iter=n)
 
@@ -646,8 +670,18 @@ def test_registry_get() -> None:
     with pytest.raises(TypeError, match=r"\['mm'\]") as exc:
         solvers.get("anderson", mm=3)
     msg = str(exc.value)
-    for opt in ("m", "lam", "beta", "restart_cond", "reject_ratio", "tol", "stop_mode", "norm", "max_iter",
-                "check_every"):
+    for opt in (
+        "m",
+        "lam",
+        "beta",
+        "restart_cond",
+        "reject_ratio",
+        "tol",
+        "stop_mode",
+        "norm",
+        "max_iter",
+        "check_every",
+    ):
         assert f"'{opt}'" in msg, opt
     with pytest.raises(ValueError, match="m=0"):
         solvers.get("anderson", m=0)
@@ -706,8 +740,11 @@ def test_throw_lists_failed_samples() -> None:
 
 
 @pytest.mark.parametrize("cls", SOLVERS, ids=IDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64],
-                         ids=["fp16", "bf16", "fp32", "fp64"])
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float16, torch.bfloat16, torch.float32, torch.float64],
+    ids=["fp16", "bf16", "fp32", "fp64"],
+)
 def test_dtypes(cls, dtype: torch.dtype) -> None:
     half = dtype in (torch.float16, torch.bfloat16)
     tol = 1e-2 if half else (1e-5 if dtype == torch.float32 else 1e-8)
@@ -732,8 +769,9 @@ def test_dtypes(cls, dtype: torch.dtype) -> None:
 def test_traces(cls, check_every: int) -> None:
     B = 5
     bp = rowwise_tanh(B=B, D=10, seed=61)
-    sol = fixed_point(bp.f, bp.z0, cls(tol=1e-9, max_iter=200, check_every=check_every), separable=True,
-                      trace=True)
+    sol = fixed_point(
+        bp.f, bp.z0, cls(tol=1e-9, max_iter=200, check_every=check_every), separable=True, trace=True
+    )
     st = sol.stats
     assert st.abs_trace.shape == st.rel_trace.shape == (st.iterations, B)
     assert st.abs_trace.dtype == F64

@@ -77,8 +77,10 @@ def hand_packed(cell: TwoScale):
 
 def _inputs(seed: int = 1, scale: float = 1.0) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(B, C, 8, 8, generator=g, dtype=F64),
-            scale * torch.randn(B, 2 * C, 4, 4, generator=g, dtype=F64))
+    return (
+        scale * torch.randn(B, C, 8, 8, generator=g, dtype=F64),
+        scale * torch.randn(B, 2 * C, 4, 4, generator=g, dtype=F64),
+    )
 
 
 def _zeros() -> tuple[Tensor, Tensor]:
@@ -93,13 +95,16 @@ def _flat(t: tuple[Tensor, Tensor]) -> Tensor:
 def test_fixed_point_structured_equals_hand_packed(solver) -> None:
     cell, x = TwoScale(), _inputs()
     sol = deqgen.fixed_point(lambda z, k: cell(z, x, k), _zeros(), solver, indexed=True, trace=True)
-    ref = deqgen.fixed_point(lambda z, k: hand_packed(cell)(z, x, k), _flat(_zeros()), solver, indexed=True,
-                             trace=True)
+    ref = deqgen.fixed_point(
+        lambda z, k: hand_packed(cell)(z, x, k), _flat(_zeros()), solver, indexed=True, trace=True
+    )
     assert isinstance(sol.z, tuple) and sol.z[0].shape == (B, C, 8, 8) and sol.z[1].shape == (B, 2 * C, 4, 4)
     torch.testing.assert_close(_flat(sol.z), ref.z, rtol=0, atol=1e-13)
     assert torch.equal(sol.stats.nfe, ref.stats.nfe) and sol.stats.iterations == ref.stats.iterations
     assert torch.equal(sol.stats.status, ref.stats.status) and bool(sol.stats.converged.all())
-    torch.testing.assert_close(sol.stats.abs_trace, ref.stats.abs_trace, rtol=1e-9, atol=1e-15, equal_nan=True)
+    torch.testing.assert_close(
+        sol.stats.abs_trace, ref.stats.abs_trace, rtol=1e-9, atol=1e-15, equal_nan=True
+    )
 
 
 def _layer_grads(method, structured: bool, seed: int = 0) -> tuple[Tensor, dict[str, Tensor], Tensor]:
@@ -118,7 +123,8 @@ def _layer_grads(method, structured: bool, seed: int = 0) -> tuple[Tensor, dict[
 
 
 @pytest.mark.parametrize(
-    "method", [ImplicitDiff(Anderson(tol=1e-11, max_iter=80)), JFB(k=2), SJFB(no_grad=(2, 6), with_grad=(1, 3))],
+    "method",
+    [ImplicitDiff(Anderson(tol=1e-11, max_iter=80)), JFB(k=2), SJFB(no_grad=(2, 6), with_grad=(1, 3))],
     ids=["implicit", "jfb", "sjfb"],
 )
 def test_layer_gradients_structured_equal_hand_packed(method) -> None:
@@ -162,7 +168,8 @@ def test_separable_structured_skips_converged_rows_and_is_batch_invariant() -> N
     for b in range(3):
         alone = deqgen.fixed_point(
             lambda z, rows=None, b=b: (torch.tanh(c[b] * z[0] + 1.0), torch.tanh(c[b] * z[1] - 0.5)),
-            (z0[0][b:b + 1], z0[1][b:b + 1]), Picard(tol=1e-9, max_iter=400),
+            (z0[0][b : b + 1], z0[1][b : b + 1]),
+            Picard(tol=1e-9, max_iter=400),
         )
         assert int(alone.stats.nfe[0]) == int(sol.stats.nfe[b])
         torch.testing.assert_close(alone.z[0][0], sol.z[0][b], rtol=0, atol=0)
@@ -175,7 +182,9 @@ def test_nan_in_one_leaf_of_one_sample_isolates_that_sample() -> None:
         b = torch.where(torch.arange(3)[:, None] == 1, b / 0.0 * 0.0, b)  # sample 1 turns NaN
         return 0.5 * z[0] + 2.0, b
 
-    sol = deqgen.fixed_point(f, (torch.zeros(3, 2, dtype=F64), torch.zeros(3, 4, dtype=F64)), Anderson(tol=1e-10))
+    sol = deqgen.fixed_point(
+        f, (torch.zeros(3, 2, dtype=F64), torch.zeros(3, 4, dtype=F64)), Anderson(tol=1e-10)
+    )
     assert sol.stats.status.tolist() == [Status.CONVERGED, Status.NON_FINITE, Status.CONVERGED]
     torch.testing.assert_close(sol.z[0][[0, 2]], torch.full((2, 2), 4.0, dtype=F64))
     assert torch.isfinite(sol.z[1]).all()  # the best finite iterate (z0) is returned for the NaN sample

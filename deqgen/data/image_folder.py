@@ -68,8 +68,10 @@ class ImageFolder(Dataset[tuple[Tensor, int]]):
             if f.suffix.lower() in IMAGE_EXTENSIONS
         ]
         if not self.samples:
-            raise FileNotFoundError(f"image folder {self.root} has no class sub-folders with images "
-                                    f"({', '.join(IMAGE_EXTENSIONS)})")
+            raise FileNotFoundError(
+                f"image folder {self.root} has no class sub-folders with images "
+                f"({', '.join(IMAGE_EXTENSIONS)})"
+            )
         self.image_size, self.resize_shorter_side = image_size, resize_shorter_side
         self.interpolation, self.random_crop, self.hflip = interpolation, random_crop, hflip
         self.seed, self.epoch = seed, 0

@@ -90,12 +90,23 @@ def convergence_curves(
 
     def hook(_module: torch.nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         z, x, _k = args
-        calls.setdefault(x.scale, []).append((z.detach().double().flatten(1), output.detach().double().flatten(1)))
+        calls.setdefault(x.scale, []).append(
+            (z.detach().double().flatten(1), output.detach().double().flatten(1))
+        )
 
     handle = trunk.map.register_forward_hook(hook)
     try:
-        res = generate(model, vqvae, labels, schedule=f"constant:{iterations}", cfg_scale=cfg_scale,
-                       top_k=top_k, top_p=top_p, seed=seed, cache=cache)
+        res = generate(
+            model,
+            vqvae,
+            labels,
+            schedule=f"constant:{iterations}",
+            cfg_scale=cfg_scale,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            cache=cache,
+        )
     finally:
         handle.remove()
     B = labels.numel()
@@ -106,8 +117,13 @@ def convergence_curves(
         rel = torch.stack([(fz - z).norm(dim=1) / fz.norm(dim=1).clamp_min(1e-300) for z, fz in seq])
         cos = torch.stack([F.cosine_similarity(z, zs[-1], dim=1, eps=1e-300) for z in zs])
         curves.append(ConvergenceCurve(s, model.cfg.patch_nums[s] ** 2, rel, cos, st.rel_residual.double()))
-        logger.info("scale %d: final rel residual %.3g (gap to the solver's %.1e), cosine at k=5 %.4f", s,
-                    float(rel[-1].mean()), solver_gap(curves[-1]), float(cos[min(5, len(cos) - 1)].mean()))
+        logger.info(
+            "scale %d: final rel residual %.3g (gap to the solver's %.1e), cosine at k=5 %.4f",
+            s,
+            float(rel[-1].mean()),
+            solver_gap(curves[-1]),
+            float(cos[min(5, len(cos) - 1)].mean()),
+        )
     assert all(c.solver_rel_residual.numel() == B for c in curves)
     return curves
 

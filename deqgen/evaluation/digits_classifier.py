@@ -77,11 +77,18 @@ class DigitsClassifier(nn.Module):
         # Built on the meta device so construction draws nothing from the global RNG; init_weights fills them.
         with torch.device("meta"):
             self.body = nn.Sequential(
-                nn.Conv2d(1, w, 3, padding=1), nn.ReLU(),
-                nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                nn.Linear(2 * w * 4, config.feature_dim), nn.ReLU(),
+                nn.Conv2d(1, w, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(w, w, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(w, 2 * w, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.AdaptiveAvgPool2d(2),
+                nn.Flatten(),
+                nn.Linear(2 * w * 4, config.feature_dim),
+                nn.ReLU(),
             )
             self.head = nn.Linear(config.feature_dim, config.num_classes)
         self.to_empty(device="cpu")
@@ -98,7 +105,9 @@ class DigitsClassifier(nn.Module):
     def _check(self, x: Tensor) -> None:
         side = self.config.side
         if x.dim() != 4 or x.shape[1:] != (1, side, side):
-            raise ValueError(f"DigitsClassifier expects (N, 1, {side}, {side}) images in [-1, 1], got {tuple(x.shape)}")
+            raise ValueError(
+                f"DigitsClassifier expects (N, 1, {side}, {side}) images in [-1, 1], got {tuple(x.shape)}"
+            )
 
     def features(self, x: Tensor) -> Tensor:
         """Penultimate features.
@@ -145,7 +154,9 @@ class DigitsClassifier(nn.Module):
         path = Path(path)
         sidecar = _sidecar(path)
         if not path.is_file() or not sidecar.is_file():
-            raise FileNotFoundError(f"DigitsClassifier.load needs {path} and its config {sidecar}; write both with save()")
+            raise FileNotFoundError(
+                f"DigitsClassifier.load needs {path} and its config {sidecar}; write both with save()"
+            )
         raw = json.loads(sidecar.read_text())
         if raw.pop("format", None) != _CONFIG_FORMAT:
             raise ValueError(f"{sidecar} is not a {_CONFIG_FORMAT} config")
@@ -156,7 +167,9 @@ class DigitsClassifier(nn.Module):
 
 def _sidecar(path: Path) -> Path:
     if path.suffix == ".json":
-        raise ValueError(f"{path}: the weights path must not end in .json (the config sidecar does); use .safetensors")
+        raise ValueError(
+            f"{path}: the weights path must not end in .json (the config sidecar does); use .safetensors"
+        )
     return path.with_suffix(".json")
 
 
@@ -169,7 +182,9 @@ def _check_data(images: Tensor, labels: Tensor) -> None:
     if images.dim() != 4 or images.shape[1] != 1 or images.shape[2] != images.shape[3]:
         raise ValueError(f"digit images must be (N, 1, H, H), got {tuple(images.shape)}")
     if labels.shape != (images.shape[0],) or labels.dtype != torch.int64:
-        raise ValueError(f"labels must be int64 ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be int64 ({images.shape[0]},), got {labels.dtype} {tuple(labels.shape)}"
+        )
 
 
 def _progress(epochs: int, show: bool | None) -> Iterator[int]:
@@ -215,8 +230,10 @@ def train_digits_classifier(
     """
     _check_data(images, labels)
     if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"train_digits_classifier needs epochs, batch_size >= 1 and lr > 0, got {epochs=} "
-                         f"{batch_size=} {lr=}")
+        raise ValueError(
+            f"train_digits_classifier needs epochs, batch_size >= 1 and lr > 0, got {epochs=} "
+            f"{batch_size=} {lr=}"
+        )
     if config is None:
         config = DigitsClassifierConfig(side=images.shape[-1], num_classes=max(10, int(labels.max()) + 1))
     model = DigitsClassifier(config, generator=generator)
@@ -237,12 +254,19 @@ def train_digits_classifier(
             schedule.step()
             total_loss += float(loss.detach()) * len(batch)
             correct += int((logits.detach().argmax(dim=1) == y).sum())
-        logger.info("digits classifier epoch %d/%d: loss %.4f, train accuracy %.4f",
-                    epoch + 1, epochs, total_loss / len(order), correct / len(order))
+        logger.info(
+            "digits classifier epoch %d/%d: loss %.4f, train accuracy %.4f",
+            epoch + 1,
+            epochs,
+            total_loss / len(order),
+            correct / len(order),
+        )
     return model.eval()
 
 
-def class_accuracy(classifier: DigitsClassifier, images: Tensor, labels: Tensor, *, batch_size: int = 1024) -> float:
+def class_accuracy(
+    classifier: DigitsClassifier, images: Tensor, labels: Tensor, *, batch_size: int = 1024
+) -> float:
     """Fraction of ``images`` (``(N, 1, H, H)``) classified as their ``labels`` (``(N,)`` int64)."""
     _check_data(images, labels)
     return float((classifier.predict(images, batch_size=batch_size) == labels).double().mean())

@@ -52,18 +52,30 @@ def judge_run(run_dir: str | Path, *, classifier_epochs: int = 5) -> dict[str, A
     cfg = load_run_config(run_dir)
     metrics = _read_metrics(run_dir)
     train, held = digit_splits(cfg)
-    clf = train_digits_classifier(held.images, held.labels, epochs=classifier_epochs,
-                                  generator=torch.Generator().manual_seed(cfg.training.seed))
+    clf = train_digits_classifier(
+        held.images,
+        held.labels,
+        epochs=classifier_epochs,
+        generator=torch.Generator().manual_seed(cfg.training.seed),
+    )
     clf.save(run_dir / CLASSIFIER_FILE)
     with torch.no_grad():
         real = clf.features(held.images)
         floor = fid_from_features(clf.features(train.images), real)
-    metrics.update(data=held.source, classifier_accuracy_on_real_train=class_accuracy(clf, train.images, train.labels),
-                   real_train_feature_fid_vs_heldout=floor)
+    metrics.update(
+        data=held.source,
+        classifier_accuracy_on_real_train=class_accuracy(clf, train.images, train.labels),
+        real_train_feature_fid_vs_heldout=floor,
+    )
     for name in _model_names(metrics):
         metrics[name].update(_score_samples(clf, run_dir / "samples" / f"{name}.safetensors", real))
-        logger.info("%s: class accuracy %.3f, feature-FID %.2f (real digits: %.2f)", name,
-                    metrics[name]["class_accuracy"], metrics[name]["feature_fid_vs_heldout"], floor)
+        logger.info(
+            "%s: class accuracy %.3f, feature-FID %.2f (real digits: %.2f)",
+            name,
+            metrics[name]["class_accuracy"],
+            metrics[name]["feature_fid_vs_heldout"],
+            floor,
+        )
     _write_json(run_dir / "metrics.json", metrics)
     return metrics
 
@@ -71,8 +83,10 @@ def judge_run(run_dir: str | Path, *, classifier_epochs: int = 5) -> dict[str, A
 def _read_metrics(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "metrics.json"
     if not path.is_file():
-        raise ReportError(f"{run_dir}: no metrics.json; the run did not finish (rerun `deqgen train` on its "
-                          "config.yaml, which resumes)")
+        raise ReportError(
+            f"{run_dir}: no metrics.json; the run did not finish (rerun `deqgen train` on its "
+            "config.yaml, which resumes)"
+        )
     return json.loads(path.read_text())  # type: ignore[no-any-return]
 
 
@@ -84,8 +98,9 @@ def _model_names(metrics: dict[str, Any]) -> list[str]:
 def _score_samples(clf: DigitsClassifier, path: Path, real: torch.Tensor) -> dict[str, float]:
     """Class accuracy and feature-FID against ``real (N, D)`` of the sample file at ``path``."""
     if not path.is_file():
-        raise ReportError(f"{path} is missing: the run's summary writes it; rerun `deqgen train` on the run's "
-                          "config.yaml")
+        raise ReportError(
+            f"{path} is missing: the run's summary writes it; rerun `deqgen train` on the run's config.yaml"
+        )
     grid = load_file(str(path))
     fake = grid["images"] * 2 - 1  # (N, C, H, W) from [0, 1] to the classifier's [-1, 1]
     with torch.no_grad():

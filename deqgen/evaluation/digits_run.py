@@ -33,8 +33,17 @@ logger = logging.getLogger(__name__)
 #: The held-out judge of :mod:`deqgen.evaluation.digits_judge`, relative to the run directory.
 CLASSIFIER_FILE = "classifier.safetensors"
 
-_NEEDED = ("config.yaml", CLASSIFIER_FILE, "classifier.json", "tokenizer/config.json", "tokenizer/model.safetensors",
-           "viar/config.json", "viar/model.safetensors", "var/config.json", "var/model.safetensors")
+_NEEDED = (
+    "config.yaml",
+    CLASSIFIER_FILE,
+    "classifier.json",
+    "tokenizer/config.json",
+    "tokenizer/model.safetensors",
+    "viar/config.json",
+    "viar/model.safetensors",
+    "var/config.json",
+    "var/model.safetensors",
+)
 
 
 @dataclass
@@ -72,8 +81,10 @@ def load_run_config(run_dir: Path) -> GenerationConfig:
     """
     path = run_dir / "config.yaml"
     if not path.is_file():
-        raise ReportError(f"{run_dir} is not a training run: no config.yaml; make one with "
-                          f"`deqgen demo recipes/mnist_cpu.yaml --out {run_dir}`")
+        raise ReportError(
+            f"{run_dir} is not a training run: no config.yaml; make one with "
+            f"`deqgen demo recipes/mnist_cpu.yaml --out {run_dir}`"
+        )
     try:
         cfg = load_config(path, check_paths=False, world_size=1)
     except ConfigError as err:
@@ -90,14 +101,20 @@ def check_digits_recipe(cfg: TrainConfig, source: str) -> GenerationConfig:
     if not isinstance(cfg, GenerationConfig):
         raise ReportError(f"{source}: task {cfg.task!r}; the digits judge and report need task: generation")
     if cfg.data.kind != "digits" or cfg.data.pretokenized is not None:
-        raise ReportError(f"{source}: data.kind={cfg.data.kind!r}, data.pretokenized={cfg.data.pretokenized}; "
-                          "the digits judge needs data.kind: digits without pretokenized data")
+        raise ReportError(
+            f"{source}: data.kind={cfg.data.kind!r}, data.pretokenized={cfg.data.pretokenized}; "
+            "the digits judge needs data.kind: digits without pretokenized data"
+        )
     if cfg.data.val_fraction <= 0:
-        raise ReportError(f"{source}: data.val_fraction={cfg.data.val_fraction}; the judge trains on the "
-                          "held-out digits: use data.val_fraction > 0 (mnist_cpu.yaml holds out 0.2)")
+        raise ReportError(
+            f"{source}: data.val_fraction={cfg.data.val_fraction}; the judge trains on the "
+            "held-out digits: use data.val_fraction > 0 (mnist_cpu.yaml holds out 0.2)"
+        )
     if cfg.model.implicit is None or cfg.baseline is None or cfg.baseline.implicit is not None:
-        raise ReportError(f"{source}: the report compares a VIAR (model.implicit set) with a VAR baseline "
-                          "(baseline set, baseline.implicit null), as recipes/mnist_cpu.yaml does")
+        raise ReportError(
+            f"{source}: the report compares a VIAR (model.implicit set) with a VAR baseline "
+            "(baseline set, baseline.implicit null), as recipes/mnist_cpu.yaml does"
+        )
     return cfg
 
 
@@ -111,8 +128,10 @@ def load_digits_run(run_dir: str | Path) -> DigitsRun:
     run_dir = Path(run_dir)
     missing = [n for n in _NEEDED if not (run_dir / n).is_file()]
     if missing:
-        raise ReportError(f"{run_dir} is not a finished, judged digits run: missing {', '.join(missing)}; make "
-                          f"one with `deqgen demo recipes/mnist_cpu.yaml --out {run_dir}`")
+        raise ReportError(
+            f"{run_dir} is not a finished, judged digits run: missing {', '.join(missing)}; make "
+            f"one with `deqgen demo recipes/mnist_cpu.yaml --out {run_dir}`"
+        )
     cfg = load_run_config(run_dir)
     try:
         viar, var, vqvae = (load_converted(run_dir / n).eval() for n in ("viar", "var", "tokenizer"))
@@ -126,5 +145,6 @@ def load_digits_run(run_dir: str | Path) -> DigitsRun:
     if not isinstance(vqvae, MultiScaleVQVAE):
         raise ReportError(f"{run_dir / 'tokenizer'} does not hold a VQVAE tokenizer")
     train, held = digit_splits(cfg)
-    return DigitsRun(run_dir, cfg, viar, var, vqvae, classifier, held.images, held.labels, train.images,
-                     train.labels)
+    return DigitsRun(
+        run_dir, cfg, viar, var, vqvae, classifier, held.images, held.labels, train.images, train.labels
+    )

@@ -46,9 +46,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 INCEPTION_WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_WEIGHTS_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-)
+INCEPTION_WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 
 ImageSet = str | Path | np.ndarray | Tensor
 
@@ -75,7 +73,9 @@ def resolve_inception_weights(
         f"{argument}/path/to/{INCEPTION_WEIGHTS_FILENAME}"
     )
     if feature_extractor_weights_path is None:
-        raise FileNotFoundError(f"FID/IS need the Inception-v3 weights file {INCEPTION_WEIGHTS_FILENAME}; {how}")
+        raise FileNotFoundError(
+            f"FID/IS need the Inception-v3 weights file {INCEPTION_WEIGHTS_FILENAME}; {how}"
+        )
     path = Path(feature_extractor_weights_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
@@ -94,10 +94,14 @@ class UInt8ImageDataset(Dataset):
     def __init__(self, images: np.ndarray | Tensor) -> None:
         if isinstance(images, np.ndarray):
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-                raise ValueError(f"numpy images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+                raise ValueError(
+                    f"numpy images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}"
+                )
             images = torch.from_numpy(images).permute(0, 3, 1, 2)
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"tensor images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"tensor images must be uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
         self.images = images
 
     def __len__(self) -> int:
@@ -171,7 +175,9 @@ def compute_fidelity_metrics(
     """
     weights = resolve_inception_weights(feature_extractor_weights_path)
     if input2 is None and (fid or kid or prc):
-        raise ValueError("fid, kid and prc compare two sets; pass input2 (the reference images) or only isc=True")
+        raise ValueError(
+            "fid, kid and prc compare two sets; pass input2 (the reference images) or only isc=True"
+        )
     first = _as_fidelity_input(input1, "input1")
     second = None if input2 is None else _as_fidelity_input(input2, "input2")
     torch_fidelity = _import_torch_fidelity()
@@ -184,7 +190,14 @@ def compute_fidelity_metrics(
     }
     options.update(kwargs)
     metrics = torch_fidelity.calculate_metrics(
-        input1=first, input2=second, isc=isc, fid=fid, kid=kid, prc=prc, batch_size=batch_size, cuda=cuda,
+        input1=first,
+        input2=second,
+        isc=isc,
+        fid=fid,
+        kid=kid,
+        prc=prc,
+        batch_size=batch_size,
+        cuda=cuda,
         **options,
     )
     return {key: float(value) for key, value in metrics.items()}
@@ -230,7 +243,9 @@ def _feature_batches(
         for batch in batches:
             features = extractor(batch.to(device or "cpu"))
             if features.dim() != 2:
-                raise ValueError(f"the feature extractor must return (B, D), got shape {tuple(features.shape)}")
+                raise ValueError(
+                    f"the feature extractor must return (B, D), got shape {tuple(features.shape)}"
+                )
             yield features.float().cpu()
 
 
@@ -283,15 +298,22 @@ class FeatureFIDMetric:
             real: ``True`` for the reference set, ``False`` for generated samples.
         """
         if real and self._reference is not None:
-            raise ValueError("reference statistics were set with set_real_statistics(); reset() to use real images")
-        for features in _feature_batches(self.extractor, images, batch_size=self.batch_size, device=self.device):
+            raise ValueError(
+                "reference statistics were set with set_real_statistics(); reset() to use real images"
+            )
+        for features in _feature_batches(
+            self.extractor, images, batch_size=self.batch_size, device=self.device
+        ):
             self._stats[real].update(features)
             if self.keep_features:
                 self._features[real].append(features)
 
     def set_real_statistics(self, mu: Tensor | np.ndarray, sigma: Tensor | np.ndarray) -> None:
         """Use precomputed reference statistics ``mu (D,)``, ``sigma (D, D)`` instead of real images."""
-        self._reference = (torch.as_tensor(mu, dtype=torch.float64), torch.as_tensor(sigma, dtype=torch.float64))
+        self._reference = (
+            torch.as_tensor(mu, dtype=torch.float64),
+            torch.as_tensor(sigma, dtype=torch.float64),
+        )
 
     def real_statistics(self) -> tuple[Tensor, Tensor]:
         """``(mu (D,), sigma (D, D))`` float64 of the reference set."""

@@ -74,7 +74,9 @@ class RunningStatistics:
         """
         batch = _as_float64(features, "features")
         if batch.dim() != 2:
-            raise ValueError(f"RunningStatistics.update expects (B, D) features, got shape {tuple(batch.shape)}")
+            raise ValueError(
+                f"RunningStatistics.update expects (B, D) features, got shape {tuple(batch.shape)}"
+            )
         if self._mean is not None and batch.shape[1] != self._mean.shape[0]:
             raise ValueError(f"feature dim changed from {self._mean.shape[0]} to {batch.shape[1]}")
         n_b = batch.shape[0]
@@ -183,7 +185,9 @@ def frechet_distance(
             f"mu1 {tuple(m1.shape)}, sigma1 {tuple(s1.shape)}, mu2 {tuple(m2.shape)}, sigma2 {tuple(s2.shape)}"
         )
     diff = m1 - m2
-    distance = float(diff @ diff) + float(s1.trace() + s2.trace()) - 2.0 * trace_sqrt_product(s1, s2, method=method)
+    distance = (
+        float(diff @ diff) + float(s1.trace() + s2.trace()) - 2.0 * trace_sqrt_product(s1, s2, method=method)
+    )
     return max(distance, 0.0)
 
 
@@ -221,9 +225,13 @@ def inception_score(
     """
     p = _as_float64(probs, "probs")
     if p.dim() != 2 or p.shape[0] < splits or splits < 1:
-        raise ValueError(f"inception_score needs (N, K) probs with N >= splits >= 1, got {tuple(p.shape)}, {splits=}")
+        raise ValueError(
+            f"inception_score needs (N, K) probs with N >= splits >= 1, got {tuple(p.shape)}, {splits=}"
+        )
     if (p < 0).any() or not torch.allclose(p.sum(dim=1), torch.ones(p.shape[0], dtype=p.dtype), atol=1e-3):
-        raise ValueError("inception_score expects probabilities (rows >= 0 summing to 1); apply softmax to logits")
+        raise ValueError(
+            "inception_score expects probabilities (rows >= 0 summing to 1); apply softmax to logits"
+        )
     if generator is not None:
         p = p[torch.randperm(p.shape[0], generator=generator)]
     scores = []
@@ -297,10 +305,14 @@ def precision_recall(
     dtype = torch.promote_types(torch.promote_types(real.dtype, fake.dtype), torch.float32)
     real, fake = real.to(dtype), fake.to(device=real.device, dtype=dtype)
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"precision_recall expects (N, D) features, got {tuple(real.shape)} and {tuple(fake.shape)}")
+        raise ValueError(
+            f"precision_recall expects (N, D) features, got {tuple(real.shape)} and {tuple(fake.shape)}"
+        )
     if k < 1 or min(real.shape[0], fake.shape[0]) <= k:
-        raise ValueError(f"precision_recall needs k >= 1 and more than k rows per set, got {k=}, "
-                         f"{real.shape[0]} real and {fake.shape[0]} fake rows")
+        raise ValueError(
+            f"precision_recall needs k >= 1 and more than k rows per set, got {k=}, "
+            f"{real.shape[0]} real and {fake.shape[0]} fake rows"
+        )
     real_radii = _knn_sq_radii(real, k, chunk_size)
     fake_radii = _knn_sq_radii(fake, k, chunk_size)
     precision = _fraction_inside(fake, real, real_radii, chunk_size)

@@ -52,24 +52,58 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, *, quic
     sweep = sample_sweep(run, sweep_configs(run, settings), settings)
     memory = training_memory(run, settings)
     convergence = {cache: _convergence(run, settings, cache) for cache in ("iteration", "lean")}
-    machine = {"cpu_count": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
-               "platform": platform.platform(terse=True), "load_before": load_before,
-               "load_after": os.getloadavg()[0], "wall_seconds": time.perf_counter() - t0}
-    params = {name: sum(p.numel() for p in model.parameters()) for name, model in (("viar", run.viar),
-                                                                                    ("var", run.var))}
-    data = ReportData(run.run_dir, settings, quick, params, sweep, real_floor(run, settings.per_class),
-                      real_floor(run), memory, convergence, machine, _sampling(run))
+    machine = {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "torch": torch.__version__,
+        "platform": platform.platform(terse=True),
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    params = {
+        name: sum(p.numel() for p in model.parameters())
+        for name, model in (("viar", run.viar), ("var", run.var))
+    }
+    data = ReportData(
+        run.run_dir,
+        settings,
+        quick,
+        params,
+        sweep,
+        real_floor(run, settings.per_class),
+        real_floor(run),
+        memory,
+        convergence,
+        machine,
+        _sampling(run),
+    )
     return write_report(data, out)
 
 
 def _convergence(run: DigitsRun, settings: ReportSettings, cache: CacheKind) -> list[ConvergenceCurve]:
     labels = torch.arange(10).repeat_interleave(settings.convergence_per_class)
     s = run.cfg.sampling
-    return convergence_curves(run.viar, run.vqvae, labels, iterations=settings.convergence_iterations, cache=cache,
-                              cfg_scale=s.cfg_scale, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
+    return convergence_curves(
+        run.viar,
+        run.vqvae,
+        labels,
+        iterations=settings.convergence_iterations,
+        cache=cache,
+        cfg_scale=s.cfg_scale,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        seed=s.seed,
+    )
 
 
 def _sampling(run: DigitsRun) -> dict[str, Any]:
     """The run's sampler settings as plain data (``report.json``)."""
     s = run.cfg.sampling
-    return {"schedule": s.schedule, "cfg_scale": s.cfg_scale, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed}
+    return {
+        "schedule": s.schedule,
+        "cfg_scale": s.cfg_scale,
+        "top_k": s.top_k,
+        "top_p": s.top_p,
+        "seed": s.seed,
+    }

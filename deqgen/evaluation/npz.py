@@ -76,7 +76,9 @@ def to_uint8_nhwc(
         ``(N, H, W, 3)`` uint8 numpy array.
     """
     if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"to_uint8_nhwc expects (N, C, H, W) images with C in (1, 3), got {tuple(images.shape)}")
+        raise ValueError(
+            f"to_uint8_nhwc expects (N, C, H, W) images with C in (1, 3), got {tuple(images.shape)}"
+        )
     if not images.is_floating_point():
         raise TypeError(f"to_uint8_nhwc expects float images, got {images.dtype}")
     low, high = value_range
@@ -95,10 +97,17 @@ def to_uint8_nhwc(
 
 
 def _check_samples(images: np.ndarray, what: str) -> None:
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+    if (
+        not isinstance(images, np.ndarray)
+        or images.dtype != np.uint8
+        or images.ndim != 4
+        or images.shape[3] != 3
+    ):
         shape = getattr(images, "shape", None)
-        raise ValueError(f"{what} must be a uint8 numpy array (N, H, W, 3), got {getattr(images, 'dtype', type(images))} "
-                         f"{shape}; convert float images with to_uint8_nhwc()")
+        raise ValueError(
+            f"{what} must be a uint8 numpy array (N, H, W, 3), got {getattr(images, 'dtype', type(images))} "
+            f"{shape}; convert float images with to_uint8_nhwc()"
+        )
 
 
 def write_samples_npz(path: str | Path, images: np.ndarray) -> Path:
@@ -135,7 +144,9 @@ def read_reference_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]
     """
     with open(path, "rb") as f, np.load(f) as data:
         if "mu" not in data or "sigma" not in data:
-            raise KeyError(f"{path} has keys {sorted(data.keys())}; an ADM reference batch carries 'mu' and 'sigma'")
+            raise KeyError(
+                f"{path} has keys {sorted(data.keys())}; an ADM reference batch carries 'mu' and 'sigma'"
+            )
         return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
 
 
@@ -175,9 +186,13 @@ def _read_shard(path: Path, chunk: SampleChunk) -> np.ndarray:
     with open(path, "rb") as f, np.load(f) as data:
         images, labels, index_range = data["arr_0"], data["labels"], data["index_range"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != len(chunk) or images.shape[3] != 3:
-        raise ValueError(f"{path.name}: arr_0 is {images.dtype} {images.shape}, expected uint8 ({len(chunk)}, H, W, 3)")
+        raise ValueError(
+            f"{path.name}: arr_0 is {images.dtype} {images.shape}, expected uint8 ({len(chunk)}, H, W, 3)"
+        )
     if index_range.tolist() != [chunk.start, chunk.stop] or not np.array_equal(labels, chunk.labels.numpy()):
-        raise ValueError(f"{path.name}: index range or labels do not match chunk [{chunk.start}, {chunk.stop})")
+        raise ValueError(
+            f"{path.name}: index range or labels do not match chunk [{chunk.start}, {chunk.stop})"
+        )
     return images
 
 
@@ -243,11 +258,20 @@ class ShardedSampleWriter:
     """
 
     def __init__(
-        self, out_dir: str | Path, total: int, num_classes: int, rank: int, world_size: int, *, chunk_size: int = 50
+        self,
+        out_dir: str | Path,
+        total: int,
+        num_classes: int,
+        rank: int,
+        world_size: int,
+        *,
+        chunk_size: int = 50,
     ) -> None:
         if total < 1 or num_classes < 1 or total % num_classes != 0:
-            raise ValueError(f"ShardedSampleWriter needs total a positive multiple of num_classes, got "
-                             f"{total=} {num_classes=}")
+            raise ValueError(
+                f"ShardedSampleWriter needs total a positive multiple of num_classes, got "
+                f"{total=} {num_classes=}"
+            )
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"ShardedSampleWriter needs 0 <= rank < world_size, got {rank=} {world_size=}")
         if chunk_size < 1:
@@ -257,8 +281,15 @@ class ShardedSampleWriter:
         self.chunk_size = chunk_size
         self.per_class = total // num_classes
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        _write_manifest(self.out_dir, {"format": _MANIFEST_FORMAT, "total": total, "num_classes": num_classes,
-                                       "chunk_size": chunk_size})
+        _write_manifest(
+            self.out_dir,
+            {
+                "format": _MANIFEST_FORMAT,
+                "total": total,
+                "num_classes": num_classes,
+                "chunk_size": chunk_size,
+            },
+        )
 
     def chunks(self) -> list[SampleChunk]:
         """All chunks this rank owns, in index order."""
@@ -306,11 +337,19 @@ class ShardedSampleWriter:
             The shard's path.
         """
         if chunk.index % self.world_size != self.rank or chunk != self._chunk(chunk.index):
-            raise ValueError(f"chunk [{chunk.start}, {chunk.stop}) is not owned by rank {self.rank} of {self.world_size}")
+            raise ValueError(
+                f"chunk [{chunk.start}, {chunk.stop}) is not owned by rank {self.rank} of {self.world_size}"
+            )
         _check_samples(images, "ShardedSampleWriter.write images")
         if images.shape[0] != len(chunk):
-            raise ValueError(f"chunk [{chunk.start}, {chunk.stop}) needs {len(chunk)} images, got {images.shape[0]}")
-        arrays = {"arr_0": images, "labels": chunk.labels.numpy(), "index_range": np.array([chunk.start, chunk.stop])}
+            raise ValueError(
+                f"chunk [{chunk.start}, {chunk.stop}) needs {len(chunk)} images, got {images.shape[0]}"
+            )
+        arrays = {
+            "arr_0": images,
+            "labels": chunk.labels.numpy(),
+            "index_range": np.array([chunk.start, chunk.stop]),
+        }
         path = self.path(chunk)
         with atomic_open(path) as f:
             np.savez(f, **arrays)
@@ -360,8 +399,11 @@ def merge_shards(out_dir: str | Path, out_path: str | Path) -> Path:
 
     def write(f: IO[bytes]) -> None:
         # The layout np.savez produces (a stored, zip64 "arr_0.npy" member), written one shard at a time.
-        header = {"descr": npy_format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                  "shape": (total, height, width, 3)}
+        header = {
+            "descr": npy_format.dtype_to_descr(np.dtype(np.uint8)),
+            "fortran_order": False,
+            "shape": (total, height, width, 3),
+        }
         with (
             zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive,
             archive.open("arr_0.npy", mode="w", force_zip64=True) as member,
@@ -370,8 +412,10 @@ def merge_shards(out_dir: str | Path, out_path: str | Path) -> Path:
             for chunk in chunks:
                 images = first if chunk.index == 0 else _load_for_merge(out_dir, chunk)
                 if images.shape[1:3] != (height, width):
-                    raise ValueError(f"{chunk.filename}: images are {images.shape[1:3]}, the first shard's are "
-                                     f"{(height, width)}; all shards must have one image size")
+                    raise ValueError(
+                        f"{chunk.filename}: images are {images.shape[1:3]}, the first shard's are "
+                        f"{(height, width)}; all shards must have one image size"
+                    )
                 member.write(np.ascontiguousarray(images).tobytes())
 
     with atomic_open(out_path) as f:

@@ -64,6 +64,17 @@ class ReportSettings:
 
 
 FULL = ReportSettings()
-QUICK = ReportSettings(per_class=2, batch_size=20, constant_iterations=(1, 4), adaptive_tolerances=(1e-2,),
-                       adaptive_max_iter=8, warm_start=("constant:2",), k1s=(0, 4), train_batch=16,
-                       timing_steps=1, convergence_iterations=6, convergence_per_class=1, bootstrap=5)
+QUICK = ReportSettings(
+    per_class=2,
+    batch_size=20,
+    constant_iterations=(1, 4),
+    adaptive_tolerances=(1e-2,),
+    adaptive_max_iter=8,
+    warm_start=("constant:2",),
+    k1s=(0, 4),
+    train_batch=16,
+    timing_steps=1,
+    convergence_iterations=6,
+    convergence_per_class=1,
+    bootstrap=5,
+)

@@ -95,7 +95,9 @@ class SampleSpec:
     warm_start: bool = False
 
     def __post_init__(self) -> None:
-        if not self.classes or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.classes):
+        if not self.classes or any(
+            isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.classes
+        ):
             raise ValueError(f"classes must be a non-empty list of ints >= 0, got {self.classes!r}")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes {list(self.classes)} repeat a class; give each class once")
@@ -106,7 +108,9 @@ class SampleSpec:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be a finite number >= 0 (0 = no guidance), got {self.cfg_scale!r}")
+            raise ValueError(
+                f"cfg_scale must be a finite number >= 0 (0 = no guidance), got {self.cfg_scale!r}"
+            )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not 0.0 <= self.top_p <= 1.0:
@@ -148,8 +152,10 @@ def checkpoint_identity(model_dir: str | Path) -> dict[str, Any]:
     d = Path(model_dir)
     config = (d / "config.json").read_bytes()
     weights = d / "model.safetensors"
-    return {"config_sha256": hashlib.sha256(config).hexdigest(),
-            "weights_bytes": weights.stat().st_size if weights.is_file() else None}
+    return {
+        "config_sha256": hashlib.sha256(config).hexdigest(),
+        "weights_bytes": weights.stat().st_size if weights.is_file() else None,
+    }
 
 
 def _spec_record(spec: SampleSpec, identity: Mapping[str, Any]) -> dict[str, Any]:
@@ -167,16 +173,23 @@ def check_resume(shard_dir: str | Path, spec: SampleSpec, identity: Mapping[str,
     path = Path(shard_dir) / SPEC_NAME
     if not path.is_file():
         if Path(shard_dir).is_dir() and any(Path(shard_dir).glob("shard_*.npz")):
-            raise ValueError(f"{shard_dir} holds shards but no {SPEC_NAME}; remove the folder or choose another --out")
+            raise ValueError(
+                f"{shard_dir} holds shards but no {SPEC_NAME}; remove the folder or choose another --out"
+            )
         return
     old = json.loads(path.read_text())
     new = json.loads(json.dumps(_spec_record(spec, identity)))  # same JSON types as the stored record
     if old != new:
-        diff = sorted(k for k in set(old.get("spec", {})) | set(new["spec"])
-                      if old.get("spec", {}).get(k) != new["spec"].get(k))
+        diff = sorted(
+            k
+            for k in set(old.get("spec", {})) | set(new["spec"])
+            if old.get("spec", {}).get(k) != new["spec"].get(k)
+        )
         what = f"options {diff}" if diff else "checkpoints"
-        raise ValueError(f"{shard_dir} holds shards of another run (different {what}); resume with the same "
-                         f"options, or remove {shard_dir} (or choose another --out) to start over")
+        raise ValueError(
+            f"{shard_dir} holds shards of another run (different {what}); resume with the same "
+            f"options, or remove {shard_dir} (or choose another --out) to start over"
+        )
 
 
 def _progress(chunks: list[SampleChunk], show: bool) -> Iterator[SampleChunk]:
@@ -229,23 +242,47 @@ def sample_shards(
             model's classes.
     """
     if max(spec.classes) >= model.num_classes:
-        raise ValueError(f"classes {list(spec.classes)} go beyond the model's {model.num_classes} classes "
-                         f"(ids 0..{model.num_classes - 1})")
+        raise ValueError(
+            f"classes {list(spec.classes)} go beyond the model's {model.num_classes} classes "
+            f"(ids 0..{model.num_classes - 1})"
+        )
     identity = dict(identity or {})
     check_resume(shard_dir, spec, identity)
-    writer = ShardedSampleWriter(shard_dir, total=spec.total, num_classes=len(spec.classes), rank=rank,
-                                 world_size=world_size, chunk_size=spec.batch_size)
+    writer = ShardedSampleWriter(
+        shard_dir,
+        total=spec.total,
+        num_classes=len(spec.classes),
+        rank=rank,
+        world_size=world_size,
+        chunk_size=spec.batch_size,
+    )
     record = json.dumps(_spec_record(spec, identity), indent=2, sort_keys=True).encode()
     spec_path = Path(shard_dir) / SPEC_NAME
     if not spec_path.is_file():
         atomic_write_bytes(spec_path, record)
     pending = list(writer.pending())
-    logger.info("rank %d/%d: %d of %d shards to sample (%d samples each)", rank, world_size, len(pending),
-                len(writer.chunks()), spec.batch_size)
+    logger.info(
+        "rank %d/%d: %d of %d shards to sample (%d samples each)",
+        rank,
+        world_size,
+        len(pending),
+        len(writer.chunks()),
+        spec.batch_size,
+    )
     for chunk in _progress(pending, progress):
-        res = generate(model, vqvae, spec.labels(chunk).to(device), schedule=spec.schedule,
-                       cfg_scale=spec.cfg_scale, top_k=spec.top_k, top_p=spec.top_p, seed=spec.seed,
-                       sample_offset=chunk.start, cache=spec.cache, warm_start=spec.warm_start)
+        res = generate(
+            model,
+            vqvae,
+            spec.labels(chunk).to(device),
+            schedule=spec.schedule,
+            cfg_scale=spec.cfg_scale,
+            top_k=spec.top_k,
+            top_p=spec.top_p,
+            seed=spec.seed,
+            sample_offset=chunk.start,
+            cache=spec.cache,
+            warm_start=spec.warm_start,
+        )
         writer.write(chunk, to_uint8_nhwc(res.images, value_range=(0.0, 1.0)))
     return len(pending)
 
@@ -271,8 +308,10 @@ def merge_samples(shard_dir: str | Path, out: str | Path, spec: SampleSpec) -> P
     with atomic_file(out) as tmp:
         merge_shards(shard_dir, tmp)
         labels = spec.all_labels()
-        with zipfile.ZipFile(tmp, mode="a", compression=zipfile.ZIP_STORED, allowZip64=True) as archive, \
-                archive.open("labels.npy", mode="w", force_zip64=True) as member:
+        with (
+            zipfile.ZipFile(tmp, mode="a", compression=zipfile.ZIP_STORED, allowZip64=True) as archive,
+            archive.open("labels.npy", mode="w", force_zip64=True) as member,
+        ):
             npy_format.write_array(member, labels, allow_pickle=False)
     return out
 
@@ -281,8 +320,10 @@ def read_sample_labels(path: str | Path) -> np.ndarray:
     """``labels`` (int64 ``(N,)``) of a file written by :func:`merge_samples`."""
     with open(path, "rb") as f, np.load(f) as data:
         if "labels" not in data:
-            raise KeyError(f"{path} has no 'labels' array (keys {sorted(data.keys())}); class accuracy needs the "
-                           "labels that deqgen eval writes")
+            raise KeyError(
+                f"{path} has no 'labels' array (keys {sorted(data.keys())}); class accuracy needs the "
+                "labels that deqgen eval writes"
+            )
         return data["labels"].astype(np.int64)
 
 
@@ -300,7 +341,9 @@ def uint8_to_grey(images: np.ndarray, side: int | None = None) -> Tensor:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
         raise ValueError(f"expected uint8 (N, H, W, 3) images, got {images.dtype} {images.shape}")
     if side is not None and images.shape[1:3] != (side, side):
-        raise ValueError(f"images are {images.shape[1]}x{images.shape[2]}, the classifier takes {side}x{side}")
+        raise ValueError(
+            f"images are {images.shape[1]}x{images.shape[2]}, the classifier takes {side}x{side}"
+        )
     grey = torch.from_numpy(np.ascontiguousarray(images)).float().mean(dim=3)  # (N, H, W)
     return (grey / 255.0 * 2.0 - 1.0).unsqueeze(1)
 
@@ -324,8 +367,10 @@ def check_metric_inputs(
     if reference is not None and not Path(reference).is_file():
         raise FileNotFoundError(f"--reference {reference} does not exist; give an ADM .npz of real images")
     if reference is not None and inception_weights is None and classifier is None:
-        raise ValueError("--reference alone computes nothing; add --inception-weights (FID/IS/P-R) or "
-                         "--classifier (digits: class accuracy and feature-FID)")
+        raise ValueError(
+            "--reference alone computes nothing; add --inception-weights (FID/IS/P-R) or "
+            "--classifier (digits: class accuracy and feature-FID)"
+        )
     if inception_weights is not None:
         resolve_inception_weights(inception_weights, argument="--inception-weights ")
         import importlib.util
@@ -335,8 +380,10 @@ def check_metric_inputs(
     if classifier is not None:
         path = Path(classifier)
         if not path.is_file() or not path.with_suffix(".json").is_file():
-            raise FileNotFoundError(f"--classifier {path} needs the weights file and its config "
-                                    f"{path.with_suffix('.json')} (DigitsClassifier.save writes both)")
+            raise FileNotFoundError(
+                f"--classifier {path} needs the weights file and its config "
+                f"{path.with_suffix('.json')} (DigitsClassifier.save writes both)"
+            )
 
 
 def score_samples(
@@ -367,8 +414,17 @@ def score_samples(
         from deqgen.evaluation.fidelity import compute_fidelity_metrics
 
         both = reference is not None
-        metrics.update(compute_fidelity_metrics(samples, reference, feature_extractor_weights_path=inception_weights,
-                                                isc=True, fid=both, prc=both, cuda=cuda))
+        metrics.update(
+            compute_fidelity_metrics(
+                samples,
+                reference,
+                feature_extractor_weights_path=inception_weights,
+                isc=True,
+                fid=both,
+                prc=both,
+                cuda=cuda,
+            )
+        )
     if classifier is not None:
         from deqgen.evaluation.digits_classifier import DigitsClassifier, class_accuracy
         from deqgen.evaluation.frechet import fid_from_features

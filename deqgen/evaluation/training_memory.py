@@ -34,8 +34,17 @@ from deqgen.models.viar.convert import load_converted
 from deqgen.models.viar.model import NextScaleTransformer, build_model
 from deqgen.models.viar.trunk import ImplicitInput, ImplicitTrunk
 
-__all__ = ["MMAP_THRESHOLD", "MemoryPoint", "PointSpec", "main", "measure_memory_point", "official_pattern_logits",
-           "training_batch", "training_memory", "training_step_seconds"]
+__all__ = [
+    "MMAP_THRESHOLD",
+    "MemoryPoint",
+    "PointSpec",
+    "main",
+    "measure_memory_point",
+    "official_pattern_logits",
+    "training_batch",
+    "training_memory",
+    "training_step_seconds",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +77,9 @@ class MemoryPoint:
     step_seconds: float
 
 
-def official_pattern_logits(model: NextScaleTransformer, labels: Tensor, feats: Tensor, k1: int, k2: int,
-                            generator: torch.Generator) -> Tensor:
+def official_pattern_logits(
+    model: NextScaleTransformer, labels: Tensor, feats: Tensor, k1: int, k2: int, generator: torch.Generator
+) -> Tensor:
     """The official VIAR training forward on deqgen's modules: ``k1`` iterations recorded (``nullcontext``)
     from detached ``z0``/injection, then detached, then ``k2`` recorded iterations.
 
@@ -171,14 +181,25 @@ def training_memory(run: DigitsRun, settings: ReportSettings) -> list[MemoryPoin
         batch_path = Path(tmp) / "batch.pt"
         torch.save(training_batch(run, settings.train_batch), batch_path)
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-        args = [PointSpec(str(run.run_dir / "viar"), str(batch_path), impl, k1, settings.k2) for k1, impl in points]
+        args = [
+            PointSpec(str(run.run_dir / "viar"), str(batch_path), impl, k1, settings.k2)
+            for k1, impl in points
+        ]
         with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
             results = list(pool.map(lambda a: _run_memory_point(a, env), args))
     out = []
     for (k1, impl), r in zip(points, results):
-        out.append(MemoryPoint(impl, k1, settings.k2, r["peak_rss_mb"], r["autograd_mb"], seconds[(impl, k1)]))
-        logger.info("memory %s k1=%d: peak RSS %.1f MiB, autograd %.1f MiB, step %.3f s", impl, k1,
-                    r["peak_rss_mb"], r["autograd_mb"], seconds[(impl, k1)])
+        out.append(
+            MemoryPoint(impl, k1, settings.k2, r["peak_rss_mb"], r["autograd_mb"], seconds[(impl, k1)])
+        )
+        logger.info(
+            "memory %s k1=%d: peak RSS %.1f MiB, autograd %.1f MiB, step %.3f s",
+            impl,
+            k1,
+            r["peak_rss_mb"],
+            r["autograd_mb"],
+            seconds[(impl, k1)],
+        )
     return out
 
 
@@ -227,8 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m deqgen.evaluation.training_memory '<json>'``: one point, one JSON line on stdout."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit("usage: python -m deqgen.evaluation.training_memory "
-                         "'{\"model_dir\": ..., \"batch\": ..., \"impl\": ..., \"k1\": ..., \"k2\": ...}'")
+        raise SystemExit(
+            "usage: python -m deqgen.evaluation.training_memory "
+            '\'{"model_dir": ..., "batch": ..., "impl": ..., "k1": ..., "k2": ...}\''
+        )
     result = measure_memory_point(PointSpec(**json.loads(argv[0])))
     sys.stdout.write(json.dumps(result) + "\n")
     return 0

@@ -73,7 +73,9 @@ def torchdeq_solver(name: str) -> Callable[..., tuple[Tensor, list[Tensor], Any]
         return _solve_segments(base, func, x0, indexing)
 
     solve.__name__ = f"deqgen_{key}"
-    solve.__doc__ = f"deqgen's {cls.__name__} behind torchdeq's solver signature (see deqgen.interop.torchdeq)."
+    solve.__doc__ = (
+        f"deqgen's {cls.__name__} behind torchdeq's solver signature (see deqgen.interop.torchdeq)."
+    )
     return solve
 
 

@@ -128,7 +128,11 @@ def solve_rows(model: nn.Module | object, rows: Tensor | None) -> Iterator[None]
     A separable solve passes its map only the rows still running; :class:`~deqgen.layer.ImplicitLayer` wraps
     each such evaluation in this block, so every sample keeps the mask drawn for it at the solve's start.
     """
-    mods = [m for m in model.modules() if isinstance(m, VariationalDropout)] if isinstance(model, nn.Module) else []
+    mods = (
+        [m for m in model.modules() if isinstance(m, VariationalDropout)]
+        if isinstance(model, nn.Module)
+        else []
+    )
     if rows is None or not mods:
         yield
         return

@@ -25,7 +25,13 @@ from torch.nn.utils import parametrizations, parametrize
 __all__ = ["NORMALIZABLE", "apply_norm", "normalized_once", "spectral_norm", "weight_norm"]
 
 NORMALIZABLE: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
 )
 """Layer types :func:`apply_norm` normalises by default."""
 
@@ -42,7 +48,11 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     """Reparametrise ``module.<name>`` as ``W / sigma(W)``, ``sigma`` estimated by power iteration in
     training; returns ``module``. The raw weight is ``module.parametrizations.<name>.original``.
     """
-    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 1:
+    if (
+        isinstance(n_power_iterations, bool)
+        or not isinstance(n_power_iterations, int)
+        or n_power_iterations < 1
+    ):
         raise ValueError(f"spectral_norm got n_power_iterations={n_power_iterations!r}; use an integer >= 1")
     return parametrizations.spectral_norm(module, name=name, n_power_iterations=n_power_iterations)
 
@@ -120,4 +130,3 @@ def normalized_once(model: nn.Module | object) -> Iterator[None]:
         for mod, name in targets:
             getattr(mod, name)  # fills the cache now, with the graph when grad is enabled
         yield
-

@@ -99,7 +99,9 @@ class Anderson(Safeguarded[AndersonState]):
         if isinstance(self.m, bool) or not isinstance(self.m, int) or self.m < 1:
             raise ValueError(f"Anderson got m={self.m!r}; use an integer m >= 1, or Picard for no history")
         if not (isinstance(self.lam, (int, float)) and self.lam >= 0 and math.isfinite(self.lam)):
-            raise ValueError(f"Anderson got lam={self.lam!r}; use a finite lam >= 0 (it is relative to tr(dG dG^T))")
+            raise ValueError(
+                f"Anderson got lam={self.lam!r}; use a finite lam >= 0 (it is relative to tr(dG dG^T))"
+            )
         if not (isinstance(self.beta, (int, float)) and 0.0 < self.beta <= 1.0):
             raise ValueError(f"Anderson got beta={self.beta!r}; use 0 < beta <= 1")
         if not (isinstance(self.restart_cond, (int, float)) and self.restart_cond > 1):
@@ -121,7 +123,9 @@ class Anderson(Safeguarded[AndersonState]):
             fails=torch.zeros(B, dtype=torch.int32, device=dev),
         )
 
-    def step(self, state: AndersonState, z: Tensor, fz: Tensor, g: Tensor, res: Tensor) -> tuple[Tensor, AndersonState]:
+    def step(
+        self, state: AndersonState, z: Tensor, fz: Tensor, g: Tensor, res: Tensor
+    ) -> tuple[Tensor, AndersonState]:
         s = state
         wd = s.dG.dtype
         x, gw = _out(z, wd), _out(g, wd)

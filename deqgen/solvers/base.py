@@ -340,5 +340,3 @@ def _checked_output(fz: Any, shape: tuple[int, ...], dtype: torch.dtype, k: int)
         f"f must return a tensor shaped like its input z: expected shape {shape}, dtype {dtype}; "
         f"got {got} (at iteration k={k})"
     )
-
-

@@ -112,7 +112,9 @@ class Broyden(Safeguarded[BroydenState]):
             fails=torch.zeros(B, dtype=torch.int32, device=dev),
         )
 
-    def step(self, state: BroydenState, z: Tensor, fz: Tensor, g: Tensor, res: Tensor) -> tuple[Tensor, BroydenState]:
+    def step(
+        self, state: BroydenState, z: Tensor, fz: Tensor, g: Tensor, res: Tensor
+    ) -> tuple[Tensor, BroydenState]:
         s = state
         wd = s.U.dtype
         x, gw = _out(z, wd), _out(g, wd)
@@ -160,7 +162,6 @@ class Broyden(Safeguarded[BroydenState]):
             k=s.k + 1,
         )
         return _out(x_next, z.dtype), nxt
-
 
 
 def _rank_one(dx: Tensor, dg: Tensor, Jdg: Tensor, v: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:

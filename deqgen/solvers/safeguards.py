@@ -54,7 +54,9 @@ class Safeguarded(Solver[StateT]):
         super().__post_init__()
         cls = type(self).__name__
         if not (isinstance(self.reject_ratio, (int, float)) and self.reject_ratio >= 1):
-            raise ValueError(f"{cls} got reject_ratio={self.reject_ratio!r}; use a number >= 1 (inf disables it)")
+            raise ValueError(
+                f"{cls} got reject_ratio={self.reject_ratio!r}; use a number >= 1 (inf disables it)"
+            )
         if not (isinstance(self.shrink, (int, float)) and 0.0 < self.shrink < 1.0):
             raise ValueError(f"{cls} got shrink={self.shrink!r}; use 0 < shrink < 1")
         check_int(cls, "max_backtracks", self.max_backtracks, 0)
@@ -66,7 +68,13 @@ class Safeguarded(Solver[StateT]):
 
 
 def judge(
-    res: Tensor, res_base: Tensor, t: Tensor, t_full: float, fails: Tensor, reject_ratio: float, max_backtracks: int
+    res: Tensor,
+    res_base: Tensor,
+    t: Tensor,
+    t_full: float,
+    fails: Tensor,
+    reject_ratio: float,
+    max_backtracks: int,
 ) -> tuple[Tensor, Tensor]:
     """Decide per row whether the trial replaces the base.
 

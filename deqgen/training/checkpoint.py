@@ -116,6 +116,7 @@ class Checkpoint:
 
 # ---- RNG -------------------------------------------------------------------------------------------------------
 
+
 def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
     """This process's RNG states as tensors and plain lists (loadable with ``weights_only=True``).
 
@@ -127,14 +128,21 @@ def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -
     return {
         "torch": torch.get_rng_state(),
         "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": {"version": int(version), "state": list(py_state), "gauss_next": gauss_next},
         "generators": {name: g.get_state() for name, g in (generators or {}).items()},
     }
 
 
-def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
+def restore_rng_state(
+    state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None
+) -> None:
     """Undo :func:`capture_rng_state`: the next random draws equal those after the capture.
 
     Named generators missing from ``state`` are left alone (with a warning).
@@ -144,8 +152,9 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
     saved = state.get("generators", {})
@@ -157,6 +166,7 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
 
 
 # ---- files ------------------------------------------------------------------------------------------------------
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -185,7 +195,9 @@ def _for_safetensors(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for name, value in state.items():
         if not isinstance(value, Tensor):
-            raise TypeError(f"model_state[{name!r}] is a {type(value).__name__}; model.safetensors holds tensors only")
+            raise TypeError(
+                f"model_state[{name!r}] is a {type(value).__name__}; model.safetensors holds tensors only"
+            )
         t = value.detach().cpu()
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen or not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes:
@@ -210,8 +222,10 @@ def _write_failure(e: BaseException, tmp: Path) -> str:
             free = shutil.disk_usage(tmp.parent).free
         except OSError:
             free = -1
-        return (f"no space left on device while writing into {tmp}? ({free} bytes free; torch said: "
-                f"{text.strip().splitlines()[-1][:200]})")
+        return (
+            f"no space left on device while writing into {tmp}? ({free} bytes free; torch said: "
+            f"{text.strip().splitlines()[-1][:200]})"
+        )
     return f"cannot write {tmp}: {type(e).__name__}: {text[:300]}"
 
 
@@ -223,6 +237,7 @@ def _step_of(path: Path) -> int:
 
 
 # ---- the manager ------------------------------------------------------------------------------------------------
+
 
 class CheckpointManager:
     """Saves, prunes, verifies and loads the checkpoints of one run directory.
@@ -309,16 +324,19 @@ class CheckpointManager:
         if self.dist.is_distributed and tdist.is_available() and tdist.is_initialized():
             failures = [None] * self.dist.world_size
             tdist.all_gather_object(failures, failure)
-        found = [f if len(failures) == 1 else f"rank {r}: {f}"
-                 for r, f in enumerate(failures) if f is not None]
+        found = [
+            f if len(failures) == 1 else f"rank {r}: {f}" for r, f in enumerate(failures) if f is not None
+        ]
         if not found:
             return
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         kept = self.complete_checkpoints()
         previous = f"the previous checkpoint {kept[-1]} is kept" if kept else "there is no earlier one"
-        raise CheckpointWriteError(f"saving checkpoint {tmp.name} failed: {'; '.join(found)}; {previous}. "
-                                   "Free space (or fix the file system) and resume with --resume auto")
+        raise CheckpointWriteError(
+            f"saving checkpoint {tmp.name} failed: {'; '.join(found)}; {previous}. "
+            "Free space (or fix the file system) and resume with --resume auto"
+        )
 
     def _write_main_files(
         self, tmp: Path, step: int, model_state: Mapping[str, Tensor], train_state: Mapping[str, Any]
@@ -326,16 +344,24 @@ class CheckpointManager:
         config_yaml = None if self.config is None else config_to_yaml(self.config)
         with atomic_file(tmp / MODEL_FILE) as part:
             save_file(_for_safetensors(model_state), str(part), metadata={"step": str(step)})
-        _torch_save({**train_state, "step": step, "config_yaml": config_yaml, "format_version": FORMAT_VERSION},
-                    tmp / STATE_FILE)
+        _torch_save(
+            {**train_state, "step": step, "config_yaml": config_yaml, "format_version": FORMAT_VERSION},
+            tmp / STATE_FILE,
+        )
         if config_yaml is not None:
             atomic_write_text(tmp / CONFIG_FILE, config_yaml)
 
     def _finish(self, tmp: Path, final: Path, step: int) -> None:
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-        manifest = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.dist.world_size,
-                    "files": files}
-        atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1))  # last: marks the save complete
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "world_size": self.dist.world_size,
+            "files": files,
+        }
+        atomic_write_text(
+            tmp / MANIFEST_FILE, json.dumps(manifest, indent=1)
+        )  # last: marks the save complete
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step: move the old one aside first, delete it after the swap
             old = self.directory / f".ckpt_{step:08d}.old"
@@ -392,8 +418,11 @@ class CheckpointManager:
         """Final-named checkpoint directories that have a manifest, oldest first (not yet verified)."""
         if not self.directory.is_dir():
             return []
-        found = [p for p in self.directory.iterdir()
-                 if p.is_dir() and _FINAL.match(p.name) and (p / MANIFEST_FILE).is_file()]
+        found = [
+            p
+            for p in self.directory.iterdir()
+            if p.is_dir() and _FINAL.match(p.name) and (p / MANIFEST_FILE).is_file()
+        ]
         return sorted(found, key=_step_of)
 
     def verify(self, path: str | os.PathLike[str]) -> None:
@@ -408,7 +437,9 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} does not exist")
         manifest_path = path / MANIFEST_FILE
         if not manifest_path.is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete: {manifest_path} is missing (interrupted save?)")
+            raise CheckpointError(
+                f"checkpoint {path} is incomplete: {manifest_path} is missing (interrupted save?)"
+            )
         try:
             files = json.loads(manifest_path.read_text())["files"]
         except (ValueError, KeyError) as e:
@@ -422,17 +453,23 @@ class CheckpointManager:
             with safe_open(str(path / MODEL_FILE), framework="pt") as f:
                 f.keys()
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"checkpoint file {path / MODEL_FILE} has a bad safetensors header ({e})") from None
+            raise CheckpointError(
+                f"checkpoint file {path / MODEL_FILE} has a bad safetensors header ({e})"
+            ) from None
 
     def _verify_file(self, file: Path, meta: Mapping[str, Any]) -> None:
         if not file.is_file():
             raise CheckpointError(f"checkpoint file {file} is missing")
         size = file.stat().st_size
         if size != meta["size"]:
-            raise CheckpointError(f"checkpoint file {file} has {size} bytes, the manifest says {meta['size']} "
-                                  "(truncated or overwritten)")
+            raise CheckpointError(
+                f"checkpoint file {file} has {size} bytes, the manifest says {meta['size']} "
+                "(truncated or overwritten)"
+            )
         if self.verify_hash and _sha256(file) != meta["sha256"]:
-            raise CheckpointError(f"checkpoint file {file} does not match its sha256 in the manifest (corrupt)")
+            raise CheckpointError(
+                f"checkpoint file {file} does not match its sha256 in the manifest (corrupt)"
+            )
 
     def latest_complete(self, *, set_aside: bool = False) -> Path | None:
         """The newest checkpoint that verifies; damaged newer ones are logged and skipped (and moved aside
@@ -516,17 +553,27 @@ class CheckpointManager:
         if rng_file.is_file():
             rng_state = torch.load(rng_file, map_location="cpu", weights_only=True)
         else:
-            logger.warning("%s has no RNG state for rank %d (saved with fewer ranks); keeping fresh seeds",
-                           path, self.dist.rank)
-        return Checkpoint(path=path, step=int(train_state["step"]), model_state=model_state,
-                          train_state=train_state, rng_state=rng_state, config_yaml=train_state.get("config_yaml"))
+            logger.warning(
+                "%s has no RNG state for rank %d (saved with fewer ranks); keeping fresh seeds",
+                path,
+                self.dist.rank,
+            )
+        return Checkpoint(
+            path=path,
+            step=int(train_state["step"]),
+            model_state=model_state,
+            train_state=train_state,
+            rng_state=rng_state,
+            config_yaml=train_state.get("config_yaml"),
+        )
 
 
 # ---- wrapped models (DDP, FSDP2) -----------------------------------------------------------------------------------
 
-def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[
-    dict[str, Tensor], dict[str, Any]
-]:
+
+def gather_full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Full (unsharded, CPU) model and optimizer state dicts of a DDP/FSDP2/plain model, keyed by parameter
     name. A collective under FSDP2: every rank calls it; pass the results to :meth:`CheckpointManager.save`
     (which reads them on rank 0)."""

@@ -41,8 +41,15 @@ def load_config_text(
     """Validate YAML ``text`` (see :func:`load_config`); ``source`` names it in error messages."""
     data = read_yaml(text, source)
     name = _task_name(data, overrides, source)
-    return validate_config(tasks.get(name).config_class, data, overrides, source=source, check_paths=check_paths,
-                           world_size=world_size, device=device)
+    return validate_config(
+        tasks.get(name).config_class,
+        data,
+        overrides,
+        source=source,
+        check_paths=check_paths,
+        world_size=world_size,
+        device=device,
+    )
 
 
 def load_config(
@@ -77,8 +84,9 @@ def load_config(
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read the config file ({e.strerror or e})") from None
-    return load_config_text(text, overrides, source=str(p), check_paths=check_paths, world_size=world_size,
-                            device=device)
+    return load_config_text(
+        text, overrides, source=str(p), check_paths=check_paths, world_size=world_size, device=device
+    )
 
 
 def packaged_recipes() -> dict[str, Path]:
@@ -103,8 +111,10 @@ def resolve_recipe(path: str | os.PathLike[str]) -> Path:
     name = p.stem if p.suffix in (".yaml", ".yml") else p.name
     if name in shipped:
         return shipped[name]
-    raise ConfigError(f"{p}: no such config file, and not the name of a shipped recipe; give a YAML path "
-                      f"or one of {sorted(shipped)}")
+    raise ConfigError(
+        f"{p}: no such config file, and not the name of a shipped recipe; give a YAML path "
+        f"or one of {sorted(shipped)}"
+    )
 
 
 def _task_name(data: dict[str, object], overrides: Sequence[str], source: str) -> str:
@@ -125,14 +135,21 @@ def check_config_compatible(saved_yaml: str, current: TrainConfig, source: str =
             longer validates.
     """
     try:
-        saved = load_config_text(saved_yaml, source=f"{source} (stored config)", check_paths=False, world_size=1)
+        saved = load_config_text(
+            saved_yaml, source=f"{source} (stored config)", check_paths=False, world_size=1
+        )
     except ConfigError as e:
-        raise CheckpointConfigMismatch(f"the config stored in {source} does not validate any more:\n{e}") from None
+        raise CheckpointConfigMismatch(
+            f"the config stored in {source} does not validate any more:\n{e}"
+        ) from None
     if saved.task != current.task:
-        raise CheckpointConfigMismatch(f"{source} was trained for task {saved.task!r}, this run is {current.task!r}")
+        raise CheckpointConfigMismatch(
+            f"{source} was trained for task {saved.task!r}, this run is {current.task!r}"
+        )
     diffs = tasks.get(current.task).config_differences(saved, current)
     if diffs:
         raise CheckpointConfigMismatch(
-            f"{source} was trained with a different model than this run's config:\n  - " + "\n  - ".join(diffs)
+            f"{source} was trained with a different model than this run's config:\n  - "
+            + "\n  - ".join(diffs)
             + "\nRestore those values (or start a new run in another logging.out_dir / with checkpoint.resume=none)."
         )

@@ -61,7 +61,9 @@ class DistInfo:
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(f"DistInfo got rank={self.rank}, world_size={self.world_size}; need 0 <= rank < world")
+            raise ValueError(
+                f"DistInfo got rank={self.rank}, world_size={self.world_size}; need 0 <= rank < world"
+            )
 
     @property
     def is_main(self) -> bool:
@@ -79,7 +81,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return default if value is None else int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
+        raise ValueError(
+            f"environment variable {name}={value!r} is not an integer (set by torchrun)"
+        ) from None
 
 
 def init_distributed(backend: str = "auto", *, timeout_minutes: float = 30.0) -> DistInfo:
@@ -275,7 +279,9 @@ class DistributedBatchSampler(Sampler[list[int]]):
     def _order(self) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.num_samples)
-        epoch_seed = np.random.SeedSequence([self.seed, 2, self.epoch]).generate_state(1, dtype=np.uint64)[0] >> 1
+        epoch_seed = (
+            np.random.SeedSequence([self.seed, 2, self.epoch]).generate_state(1, dtype=np.uint64)[0] >> 1
+        )
         g = torch.Generator().manual_seed(int(epoch_seed))
         return torch.randperm(self.num_samples, generator=g)
 

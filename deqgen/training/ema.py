@@ -73,8 +73,9 @@ class EMA:
         own = self.module.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(f"EMA state does not match the model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"EMA state does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         self.module.load_state_dict(dict(state))
 
     def copy_from(self, model: nn.Module) -> None:

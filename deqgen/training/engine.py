@@ -113,7 +113,12 @@ class _Loop:
 
 
 def fit(
-    task: Task, cfg: TrainConfig, dist: DistInfo, out: Path, role: ModelRole, index: int,
+    task: Task,
+    cfg: TrainConfig,
+    dist: DistInfo,
+    out: Path,
+    role: ModelRole,
+    index: int,
     check: ConfigCheck | None = None,
 ) -> TrainResult:
     """Train ``role`` of ``task`` to ``cfg.training``'s length, resuming when asked; export the final weights.
@@ -137,22 +142,49 @@ def fit(
     logger.info("%s (%s): %s parameters", role.role, role.name, f"{parameters:,}")
     dataset = task.dataset()
     check_batch_fits(cfg, len(dataset))
-    sampler = DistributedBatchSampler(len(dataset), cfg.training.micro_batch_size, rank=dist.rank,
-                                      world_size=dist.world_size, seed=cfg.training.seed + index)
+    sampler = DistributedBatchSampler(
+        len(dataset),
+        cfg.training.micro_batch_size,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        seed=cfg.training.seed + index,
+    )
     length = plan_length(cfg, dist, len(sampler), len(dataset))
     state = build_state(task, cfg, dist, model, index)
-    checkpoints = CheckpointManager(out / "checkpoints" / role.role, cfg.checkpoint.keep_last, dist, config=cfg,
-                                    check=check, verify_hash=cfg.checkpoint.verify_hash)
+    checkpoints = CheckpointManager(
+        out / "checkpoints" / role.role,
+        cfg.checkpoint.keep_last,
+        dist,
+        config=cfg,
+        check=check,
+        verify_hash=cfg.checkpoint.verify_hash,
+    )
     metrics_file = out / f"{role.role}_metrics.jsonl"
     resume(state, checkpoints.load(resume_for(cfg, role.role)), dist, metrics_file)
     lr_at, wd_at = build_schedules(cfg.optim, cfg.training.global_batch_size, length.total, length.warmup)
     t_start = time.perf_counter()
-    metrics = make_metric_logger(cfg.logging, dist, out, prefix=f"{role.role}_",
-                                 run_config=cfg.model_dump(mode="json"))
-    bar = progress_bar(length.total, dist, enabled=cfg.logging.progress_bar, desc=role.role, initial=state.step)
+    metrics = make_metric_logger(
+        cfg.logging, dist, out, prefix=f"{role.role}_", run_config=cfg.model_dump(mode="json")
+    )
+    bar = progress_bar(
+        length.total, dist, enabled=cfg.logging.progress_bar, desc=role.role, initial=state.step
+    )
     with bar, metrics:  # the metric files are closed even when a step raises
-        loop = _Loop(task, cfg, dist, role, length, dataset, task.validation_set(), sampler, lr_at, wd_at,
-                     checkpoints, metrics, bar)
+        loop = _Loop(
+            task,
+            cfg,
+            dist,
+            role,
+            length,
+            dataset,
+            task.validation_set(),
+            sampler,
+            lr_at,
+            wd_at,
+            checkpoints,
+            metrics,
+            bar,
+        )
         state.wrapped.train()
         while state.step < length.total:
             run_epoch(loop, state)
@@ -173,8 +205,10 @@ def plan_length(cfg: TrainConfig, dist: DistInfo, batches_per_epoch: int, num_sa
         raise ValueError(_batch_too_large(cfg, num_samples))
     total, warmup = cfg.total_steps(steps_per_epoch), cfg.warmup_steps(steps_per_epoch)
     if warmup >= total:
-        raise ValueError(f"optim.warmup_steps/warmup_epochs give {warmup} warmup steps, not fewer than the run's "
-                         f"{total} optimizer steps ({steps_per_epoch} per epoch): shorten the warmup")
+        raise ValueError(
+            f"optim.warmup_steps/warmup_epochs give {warmup} warmup steps, not fewer than the run's "
+            f"{total} optimizer steps ({steps_per_epoch} per epoch): shorten the warmup"
+        )
     return RunLength(accum, steps_per_epoch, total, warmup)
 
 
@@ -191,10 +225,12 @@ def check_batch_fits(cfg: TrainConfig, num_samples: int | None) -> None:
 
 def _batch_too_large(cfg: TrainConfig, num_samples: int) -> str:
     t = cfg.training
-    return (f"training.global_batch_size={t.global_batch_size} "
-            f"(training.micro_batch_size={t.micro_batch_size} per rank and micro-batch) is larger than the "
-            f"{num_samples} training samples: lower "
-            "training.global_batch_size (and training.micro_batch_size with it), or train on more data")
+    return (
+        f"training.global_batch_size={t.global_batch_size} "
+        f"(training.micro_batch_size={t.micro_batch_size} per rank and micro-batch) is larger than the "
+        f"{num_samples} training samples: lower "
+        "training.global_batch_size (and training.micro_batch_size with it), or train on more data"
+    )
 
 
 def build_state(task: Task, cfg: TrainConfig, dist: DistInfo, model: nn.Module, index: int) -> TrainState:
@@ -205,13 +241,21 @@ def build_state(task: Task, cfg: TrainConfig, dist: DistInfo, model: nn.Module, 
     wrapped = wrap(task, model, cfg, dist)
     groups = param_groups(model, cfg.optim.no_weight_decay, cfg.optim.no_weight_decay_1d)
     fused = cfg.optim.fused and dist.device.type == "cuda"
-    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=fused or None)
+    optimizer = torch.optim.AdamW(
+        groups, lr=0.0, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=fused or None
+    )
     p = cfg.precision
-    scaler = torch.amp.GradScaler(dist.device.type, init_scale=p.grad_scaler_init_scale,
-                                  growth_interval=p.grad_scaler_growth_interval, enabled=p.dtype == "fp16")
+    scaler = torch.amp.GradScaler(
+        dist.device.type,
+        init_scale=p.grad_scaler_init_scale,
+        growth_interval=p.grad_scaler_growth_interval,
+        enabled=p.dtype == "fp16",
+    )
     seed = cfg.training.seed
-    rng = Randomness(rank=torch.Generator(dist.device).manual_seed(seed_for_rank(seed, dist.rank) + index),
-                     shared=torch.Generator().manual_seed(shared_seed(seed) + index))
+    rng = Randomness(
+        rank=torch.Generator(dist.device).manual_seed(seed_for_rank(seed, dist.rank) + index),
+        shared=torch.Generator().manual_seed(shared_seed(seed) + index),
+    )
     return TrainState(model, wrapped, optimizer, scaler, rng, ema=ema)
 
 
@@ -242,8 +286,9 @@ def _load_ema(ema: EMA, model: nn.Module, ckpt: Checkpoint) -> None:
     if saved:
         ema.load_state_dict(saved)
     else:
-        logger.warning("%s has no EMA (saved with training.ema_decay=null); the EMA restarts at its weights",
-                       ckpt.path)
+        logger.warning(
+            "%s has no EMA (saved with training.ema_decay=null); the EMA restarts at its weights", ckpt.path
+        )
         ema.copy_from(model)
 
 
@@ -282,7 +327,11 @@ def run_epoch(loop: _Loop, state: TrainState) -> None:
 
 
 def optimizer_step(
-    task: Task, state: TrainState, batches: Iterator[Sequence[Tensor]], accum: int, dist: DistInfo,
+    task: Task,
+    state: TrainState,
+    batches: Iterator[Sequence[Tensor]],
+    accum: int,
+    dist: DistInfo,
     cfg: TrainConfig,
 ) -> dict[str, Tensor | float]:
     """Forward/backward ``accum`` micro-batches (gradients synchronised on the last one only), then unscale,
@@ -294,8 +343,10 @@ def optimizer_step(
     for i in range(accum):
         batch = [t.to(dist.device, non_blocking=True) for t in next(batches)]
         state.rng.shared.set_state(shared_state)
-        with _no_sync(state.wrapped, i == accum - 1), \
-                torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
+        with (
+            _no_sync(state.wrapped, i == accum - 1),
+            torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None),
+        ):
             out = task.loss(state.wrapped, batch, state.rng)
         state.scaler.scale(out.loss / accum).backward()
         _accumulate(sums, out, accum)
@@ -340,8 +391,12 @@ def _log_step(
 ) -> None:
     now = time.perf_counter()
     row = all_reduce_mean({k: float(v) for k, v in values.items()}, loop.dist)
-    row.update(samples_per_s=loop.window_samples / (now - loop.window_start),
-               peak_mem_gb=peak_memory_bytes(loop.dist.device) / 2**30, epoch=state.epoch, **val)
+    row.update(
+        samples_per_s=loop.window_samples / (now - loop.window_start),
+        peak_mem_gb=peak_memory_bytes(loop.dist.device) / 2**30,
+        epoch=state.epoch,
+        **val,
+    )
     loop.metrics.log(state.step, row)
     loop.bar.set_postfix(loss=f"{row['loss']:.3f}")
     loop.window_start, loop.window_samples = now, 0
@@ -350,12 +405,18 @@ def _log_step(
 def save(loop: _Loop, state: TrainState) -> None:
     """Checkpoint ``state`` (every rank calls this; rank 0 writes the weights)."""
     model_state, optim_state = gather_full_state(state.wrapped, state.optimizer)
-    train_state = {"optimizer": optim_state, "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else {},
-                   "epoch": state.epoch, "position": state.position, "role": loop.role.role}
+    train_state = {
+        "optimizer": optim_state,
+        "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else {},
+        "epoch": state.epoch,
+        "position": state.position,
+        "role": loop.role.role,
+    }
     if state.ema is not None and loop.dist.is_main:
         train_state["ema"] = state.ema.state_dict()
-    loop.checkpoints.save(state.step, model_state if loop.dist.is_main else {}, train_state,
-                          generators=_generators(state))
+    loop.checkpoints.save(
+        state.step, model_state if loop.dist.is_main else {}, train_state, generators=_generators(state)
+    )
 
 
 def _evaluate(loop: _Loop, state: TrainState) -> None:
@@ -393,11 +454,12 @@ def validate(
     """
     mine = list(range(dist.rank, len(data), dist.world_size))
     size = cfg.training.micro_batch_size
-    batches = [mine[i:i + size] for i in range(0, len(mine), size)]
+    batches = [mine[i : i + size] for i in range(0, len(mine), size)]
     loader = DataLoader(data, batch_sampler=batches, **_loader_options(task.loader_options(), dist))
     seed = shared_seed(cfg.training.seed)
-    rng = Randomness(rank=torch.Generator(dist.device).manual_seed(seed),
-                     shared=torch.Generator().manual_seed(seed))
+    rng = Randomness(
+        rank=torch.Generator(dist.device).manual_seed(seed), shared=torch.Generator().manual_seed(seed)
+    )
     autocast = _AUTOCAST[cfg.precision.dtype]
     sums: dict[str, float] = {}
     training = model.training
@@ -427,7 +489,9 @@ def _all_reduce_sum(values: dict[str, float], dist: DistInfo) -> dict[str, float
     return dict(zip(values, t.tolist()))
 
 
-def _export(task: Task, role: ModelRole, state: TrainState, dist: DistInfo, out: Path, seconds: float) -> Path:
+def _export(
+    task: Task, role: ModelRole, state: TrainState, dist: DistInfo, out: Path, seconds: float
+) -> Path:
     """Rank 0 exports the final weights (the EMA's when there is one) to ``out/<role.name>``."""
     export_dir = out / role.name
     model_state = state.ema.state_dict() if state.ema is not None else gather_full_state(state.wrapped)[0]
@@ -457,8 +521,12 @@ def wrap(task: Task, model: nn.Module, cfg: TrainConfig, dist: DistInfo) -> nn.M
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=cfg.distributed.find_unused_parameters,
-                                   broadcast_buffers=cfg.distributed.broadcast_buffers)
+    return DistributedDataParallel(
+        model,
+        device_ids=ids,
+        find_unused_parameters=cfg.distributed.find_unused_parameters,
+        broadcast_buffers=cfg.distributed.broadcast_buffers,
+    )
 
 
 def compile_model(model: nn.Module, cfg: TrainConfig, dist: DistInfo) -> None:

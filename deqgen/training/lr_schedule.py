@@ -116,8 +116,14 @@ class LRSchedule:
 
     def __call__(self, step: int) -> float:
         return lr_at(
-            step, peak=self.peak, total_steps=self.total_steps, warmup_steps=self.warmup_steps, kind=self.kind,
-            warmup_start_ratio=self.warmup_start_ratio, end_ratio=self.end_ratio, hold_fraction=self.hold_fraction,
+            step,
+            peak=self.peak,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            kind=self.kind,
+            warmup_start_ratio=self.warmup_start_ratio,
+            end_ratio=self.end_ratio,
+            hold_fraction=self.hold_fraction,
         )
 
 
@@ -133,16 +139,20 @@ class WDSchedule:
         return wd_at(step, start=self.start, end=self.end, total_steps=self.total_steps)
 
 
-def build_schedules(optim: Any, global_batch_size: int, total_steps: int, warmup_steps: int) -> tuple[
-    LRSchedule, WDSchedule
-]:
+def build_schedules(
+    optim: Any, global_batch_size: int, total_steps: int, warmup_steps: int
+) -> tuple[LRSchedule, WDSchedule]:
     """Both schedules from a recipe's ``optim`` section (:class:`deqgen.training.schema.OptimSection`).
 
     Use ``cfg.total_steps(steps_per_epoch)`` and ``cfg.warmup_steps(steps_per_epoch)`` for the lengths.
     """
     lr = LRSchedule(
-        peak=peak_lr(optim.lr_per_256, global_batch_size), total_steps=total_steps, warmup_steps=warmup_steps,
-        kind=optim.schedule, warmup_start_ratio=optim.warmup_start_ratio, end_ratio=optim.end_ratio,
+        peak=peak_lr(optim.lr_per_256, global_batch_size),
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        kind=optim.schedule,
+        warmup_start_ratio=optim.warmup_start_ratio,
+        end_ratio=optim.end_ratio,
         hold_fraction=optim.hold_fraction,
     )
     return lr, WDSchedule(optim.weight_decay, optim.weight_decay_end, total_steps)
@@ -163,9 +173,7 @@ def is_no_weight_decay(name: str, ndim: int, patterns: Iterable[str], exempt_1d:
     return any(p in name for p in patterns)
 
 
-def param_groups(
-    model: nn.Module, patterns: Iterable[str], exempt_1d: bool = True
-) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, patterns: Iterable[str], exempt_1d: bool = True) -> list[dict[str, Any]]:
     """AdamW groups: ``{"params", "names", "wd_scale": 1.0}`` and the exempt ``{"wd_scale": 0.0}`` group.
 
     Frozen parameters (``requires_grad=False``) are left out. Names are kept (``names``) for logging; pass

@@ -149,22 +149,39 @@ class WandbSink:
         ImportError: the ``wandb`` package is missing (the message gives the pip command).
     """
 
-    def __init__(self, project: str, mode: str, directory: str | Path, name: str,
-                 config: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        project: str,
+        mode: str,
+        directory: str | Path,
+        name: str,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
         try:
             import wandb
         except ImportError:
-            raise ImportError("logging.wandb is set but the 'wandb' package is not installed: "
-                              "pip install wandb "
-                              "(or deqgen[logging]), or set logging.wandb=null") from None
+            raise ImportError(
+                "logging.wandb is set but the 'wandb' package is not installed: "
+                "pip install wandb "
+                "(or deqgen[logging]), or set logging.wandb=null"
+            ) from None
         Path(directory).mkdir(parents=True, exist_ok=True)
-        self._run = wandb.init(project=project, mode=mode, dir=str(directory), name=name,
-                               config=dict(config or {}), reinit="create_new")
+        self._run = wandb.init(
+            project=project,
+            mode=mode,
+            dir=str(directory),
+            name=name,
+            config=dict(config or {}),
+            reinit="create_new",
+        )
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Log each finite number in ``metrics`` at ``step``; strings, booleans and NaN/inf are skipped."""
-        values = {k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items())
-                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        values = {
+            k: v
+            for k, v in ((k, _scalar(v)) for k, v in metrics.items())
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         self._run.log(values, step=step)
 
     def close(self) -> None:
@@ -201,7 +218,11 @@ class MetricLogger:
 
 
 def make_metric_logger(
-    logging_cfg: Any, info: DistInfo, out_dir: str | Path | None = None, *, prefix: str = "",
+    logging_cfg: Any,
+    info: DistInfo,
+    out_dir: str | Path | None = None,
+    *,
+    prefix: str = "",
     run_config: Mapping[str, Any] | None = None,
 ) -> MetricLogger:
     """The sinks a recipe's ``logging`` section asks for, on rank 0 only.
@@ -224,8 +245,11 @@ def make_metric_logger(
         sinks.append(TensorBoardSink(root / "tb" / prefix.rstrip("_") if prefix else root / "tb"))
     wandb_cfg = getattr(logging_cfg, "wandb", None)
     if wandb_cfg is not None:
-        sinks.append(WandbSink(wandb_cfg.project, wandb_cfg.mode, root / "wandb", prefix.rstrip("_") or "run",
-                               run_config))
+        sinks.append(
+            WandbSink(
+                wandb_cfg.project, wandb_cfg.mode, root / "wandb", prefix.rstrip("_") or "run", run_config
+            )
+        )
     return MetricLogger(sinks)
 
 
@@ -268,7 +292,9 @@ class NullProgress:
         self.close()
 
 
-def progress_bar(total: int | None, info: DistInfo, *, enabled: bool = True, desc: str = "", initial: int = 0) -> Any:
+def progress_bar(
+    total: int | None, info: DistInfo, *, enabled: bool = True, desc: str = "", initial: int = 0
+) -> Any:
     """A tqdm bar on rank 0 (quiet without a TTY: ``disable=None``), else :class:`NullProgress`.
 
     Args:

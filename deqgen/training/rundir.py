@@ -42,7 +42,13 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = [
-    "LOCK_FILE", "RunDirBusy", "RunDirError", "RunLock", "check_run_dir", "lock_holder", "open_run_dir",
+    "LOCK_FILE",
+    "RunDirBusy",
+    "RunDirError",
+    "RunLock",
+    "check_run_dir",
+    "lock_holder",
+    "open_run_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,8 +132,10 @@ def _read_holder(path: Path) -> dict[str, Any]:
 def _busy_message(directory: Path, holder: dict[str, Any]) -> str:
     pid, host, started = (holder.get(k, "?") for k in ("pid", "host", "started"))
     who = f"pid {pid} on host {host}, started {started}" if holder else "a process that has not named itself"
-    return (f"logging.out_dir={directory} is in use by another deqgen run ({who}); wait for it to finish, "
-            "stop it, or choose another logging.out_dir")
+    return (
+        f"logging.out_dir={directory} is in use by another deqgen run ({who}); wait for it to finish, "
+        "stop it, or choose another logging.out_dir"
+    )
 
 
 def lock_holder(directory: Path) -> dict[str, Any] | None:
@@ -153,6 +161,7 @@ def lock_holder(directory: Path) -> dict[str, Any] | None:
 
 # ---- read-only checks --------------------------------------------------------------------------------------
 
+
 def check_writable(out: Path) -> None:
     """``out`` is a directory, or can be created under a writable directory.
 
@@ -161,16 +170,19 @@ def check_writable(out: Path) -> None:
             writable.
     """
     if out.exists() and not out.is_dir():
-        raise RunDirError(f"logging.out_dir={out} is an existing file, not a directory; choose a directory "
-                          "path")
+        raise RunDirError(
+            f"logging.out_dir={out} is an existing file, not a directory; choose a directory path"
+        )
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise RunDirError(f"logging.out_dir={out}: its parent {existing} is a file; choose a directory path")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunDirError(f"logging.out_dir={out} is not writable (no write permission on {existing}); "
-                          "choose a writable location")
+        raise RunDirError(
+            f"logging.out_dir={out} is not writable (no write permission on {existing}); "
+            "choose a writable location"
+        )
 
 
 def _entries(out: Path) -> list[str]:
@@ -196,17 +208,23 @@ def check_contents(out: Path, resume: str, overwrite: bool) -> None:
         return
     shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     if not _is_run_dir(out):
-        raise RunDirError(f"logging.out_dir={out} holds files that are not a deqgen run ({shown}); "
-                          "nothing there is touched: choose a new or empty logging.out_dir")
+        raise RunDirError(
+            f"logging.out_dir={out} holds files that are not a deqgen run ({shown}); "
+            "nothing there is touched: choose a new or empty logging.out_dir"
+        )
     if overwrite:
         if resume not in ("auto", "none") and _inside(resume, out):
-            raise RunDirError(f"--overwrite would delete checkpoint.resume={resume}, which lies inside "
-                              f"logging.out_dir={out}; drop one of them")
+            raise RunDirError(
+                f"--overwrite would delete checkpoint.resume={resume}, which lies inside "
+                f"logging.out_dir={out}; drop one of them"
+            )
         return
     if resume == "none":
-        raise RunDirError(f"logging.out_dir={out} already holds a run ({shown}) and checkpoint.resume=none: "
-                          "resume it (--resume auto), clear it first (--overwrite), or choose another "
-                          "logging.out_dir")
+        raise RunDirError(
+            f"logging.out_dir={out} already holds a run ({shown}) and checkpoint.resume=none: "
+            "resume it (--resume auto), clear it first (--overwrite), or choose another "
+            "logging.out_dir"
+        )
 
 
 def check_resume_compatible(cfg: TrainConfig, out: Path, check: ConfigCheck) -> None:
@@ -293,8 +311,10 @@ def open_run_dir(
             lock.release()
 
 
-_ERRORS: dict[str, type[Exception]] = {cls.__name__: cls for cls in (
-    RunDirError, RunDirBusy, CheckpointConfigMismatch, CheckpointError, ValueError, OSError)}
+_ERRORS: dict[str, type[Exception]] = {
+    cls.__name__: cls
+    for cls in (RunDirError, RunDirBusy, CheckpointConfigMismatch, CheckpointError, ValueError, OSError)
+}
 
 
 def _on_main(fn: Callable[[], T], dist: DistInfo) -> T | None:

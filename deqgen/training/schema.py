@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError, PydanticUndefined
 
 __all__ = [
@@ -52,8 +60,20 @@ __all__ = [
 #: Parameter-name substrings exempt from weight decay in the official VAR/VIAR trainer (besides 1-D tensors
 #: and biases).
 OFFICIAL_NO_WEIGHT_DECAY: tuple[str, ...] = (
-    "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
-    "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul",
+    "cls_token",
+    "start_token",
+    "task_token",
+    "cfg_uncond",
+    "pos_embed",
+    "pos_1LC",
+    "pos_start",
+    "start_pos",
+    "lvl_embed",
+    "gamma",
+    "beta",
+    "ada_gss",
+    "moe_bias",
+    "scale_mul",
 )
 
 C = TypeVar("C", bound="TrainConfig")
@@ -72,24 +92,39 @@ class Section(BaseModel):
 
 # ---- sections ---------------------------------------------------------------------------------------
 
+
 class OptimSection(Section):
     """AdamW with a warmup + decay lr schedule and a cosine weight-decay schedule."""
 
-    lr_per_256: float = Field(1e-4, gt=0, description="base lr per 256 images; peak = lr_per_256 * global / 256")
+    lr_per_256: float = Field(
+        1e-4, gt=0, description="base lr per 256 images; peak = lr_per_256 * global / 256"
+    )
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (official (0.9, 0.95))")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     weight_decay: float = Field(0.05, ge=0, description="weight decay at step 0")
-    weight_decay_end: float = Field(0.05, ge=0, description="weight decay at the last step (cosine from start)")
-    clip_grad_norm: float | None = Field(2.0, gt=0, description="max global grad norm after unscaling; null = off")
-    warmup_epochs: float | None = Field(None, ge=0, description="linear warmup length in epochs (or warmup_steps)")
-    warmup_steps: int | None = Field(None, ge=0, description="linear warmup length in steps (or warmup_epochs)")
+    weight_decay_end: float = Field(
+        0.05, ge=0, description="weight decay at the last step (cosine from start)"
+    )
+    clip_grad_norm: float | None = Field(
+        2.0, gt=0, description="max global grad norm after unscaling; null = off"
+    )
+    warmup_epochs: float | None = Field(
+        None, ge=0, description="linear warmup length in epochs (or warmup_steps)"
+    )
+    warmup_steps: int | None = Field(
+        None, ge=0, description="linear warmup length in steps (or warmup_epochs)"
+    )
     warmup_start_ratio: float = Field(0.005, ge=0, le=1, description="warmup starts at this fraction of peak")
     schedule: Literal["lin0", "cosine", "constant"] = Field(
-        "lin0", description="after warmup: lin0 = hold peak, then linear to end_ratio*peak; cosine; constant")
-    hold_fraction: float = Field(0.05, ge=0, lt=1, description="lin0: fraction of the post-warmup span at peak")
+        "lin0", description="after warmup: lin0 = hold peak, then linear to end_ratio*peak; cosine; constant"
+    )
+    hold_fraction: float = Field(
+        0.05, ge=0, lt=1, description="lin0: fraction of the post-warmup span at peak"
+    )
     end_ratio: float = Field(0.01, ge=0, le=1, description="final lr over peak (official wpe 0.01)")
     no_weight_decay: tuple[str, ...] = Field(
-        OFFICIAL_NO_WEIGHT_DECAY, description="parameter-name substrings exempt from weight decay")
+        OFFICIAL_NO_WEIGHT_DECAY, description="parameter-name substrings exempt from weight decay"
+    )
     no_weight_decay_1d: bool = Field(True, description="also exempt 1-D tensors and biases (official)")
     fused: bool = Field(False, description="fused AdamW kernel (official: on, CUDA)")
 
@@ -105,26 +140,43 @@ class TrainingSection(Section):
     """Batch sizes, length, seed."""
 
     global_batch_size: int = Field(512, ge=1, description="images per optimizer step over all ranks")
-    micro_batch_size: int = Field(64, ge=1, description="images per forward per rank; accumulation is derived")
+    micro_batch_size: int = Field(
+        64, ge=1, description="images per forward per rank; accumulation is derived"
+    )
     epochs: int | None = Field(None, ge=1, description="training length in epochs (or max_steps)")
     max_steps: int | None = Field(None, ge=1, description="training length in optimizer steps (or epochs)")
-    seed: int = Field(0, ge=0, description="run seed (per-rank streams and the shared S-JFB stream derive from it)")
+    seed: int = Field(
+        0, ge=0, description="run seed (per-rank streams and the shared S-JFB stream derive from it)"
+    )
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing (official 0)")
-    compile: bool = Field(False, description="torch.compile the model's forward (kernels resolved first); "
-                          "a GPU speed option, about 1.0x on CPU")
+    compile: bool = Field(
+        False,
+        description="torch.compile the model's forward (kernels resolved first); "
+        "a GPU speed option, about 1.0x on CPU",
+    )
     ema_decay: float | None = Field(
-        None, gt=0, lt=1,
+        None,
+        gt=0,
+        lt=1,
         description="keep an EMA of the weights with this decay (e.g. 0.9999); samples and export use it; "
-        "null = off; not with fsdp2")
-    activation_checkpointing: bool = Field(False, description="recompute the explicit blocks' activations in "
-                                           "backward (less memory, more compute); generation task only")
+        "null = off; not with fsdp2",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="recompute the explicit blocks' activations in "
+        "backward (less memory, more compute); generation task only",
+    )
 
 
 class PrecisionSection(Section):
     """Numeric precision. fp16 is refused on CPU devices (see module docs)."""
 
-    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype; fp16 adds a GradScaler")
-    grad_scaler_init_scale: float = Field(2048.0, gt=0, description="fp16 GradScaler initial scale (official 2^11)")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype; fp16 adds a GradScaler"
+    )
+    grad_scaler_init_scale: float = Field(
+        2048.0, gt=0, description="fp16 GradScaler initial scale (official 2^11)"
+    )
     grad_scaler_growth_interval: int = Field(1000, ge=1, description="fp16 GradScaler growth interval")
     allow_tf32: bool = Field(True, description="TF32 matmuls on CUDA (official on)")
 
@@ -144,7 +196,8 @@ class WandbSection(Section):
 
     project: str = Field("deqgen", min_length=1, description="wandb project name")
     mode: Literal["online", "offline", "disabled"] = Field(
-        "offline", description="offline writes the run locally (wandb sync uploads it later)")
+        "offline", description="offline writes the run locally (wandb sync uploads it later)"
+    )
 
 
 class LoggingSection(Section):
@@ -155,7 +208,8 @@ class LoggingSection(Section):
     jsonl: bool = Field(True, description="write out_dir/metrics.jsonl")
     tensorboard: bool = Field(False, description="write TensorBoard events to out_dir/tb (needs tensorboard)")
     wandb: WandbSection | None = Field(
-        None, description="also log to Weights & Biases (needs wandb); null = off")
+        None, description="also log to Weights & Biases (needs wandb); null = off"
+    )
     progress_bar: bool = Field(True, description="tqdm bar when attached to a terminal")
     level: Literal["DEBUG", "INFO", "WARNING"] = Field("INFO", description="stdout logging level on rank 0")
 
@@ -186,7 +240,9 @@ class TrainConfig(Section):
     distributed: DistributedSection = Field(default_factory=DistributedSection, description="DDP / FSDP2")
     logging: LoggingSection = Field(default_factory=LoggingSection, description="metric sinks")
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection, description="checkpoints")
-    evaluation: EvaluationSection = Field(default_factory=EvaluationSection, description="periodic evaluation")
+    evaluation: EvaluationSection = Field(
+        default_factory=EvaluationSection, description="periodic evaluation"
+    )
 
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank: ``global / (micro * world_size)``.
@@ -229,7 +285,9 @@ class TrainConfig(Section):
 
 def config_error(path: str, value: Any, message: str) -> InitErrorDetails:
     """One validation error at dotted ``path`` (``"model.depth"``) for :meth:`TrainConfig.task_errors`."""
-    return InitErrorDetails(type=PydanticCustomError("recipe", message), loc=tuple(path.split(".")), input=value)
+    return InitErrorDetails(
+        type=PydanticCustomError("recipe", message), loc=tuple(path.split(".")), input=value
+    )
 
 
 def selected_sections(check_paths: bool | Collection[str], known: Collection[str]) -> set[str]:
@@ -254,54 +312,87 @@ def _resume_errors(cfg: TrainConfig, check_paths: bool | Collection[str]) -> lis
         return [config_error("checkpoint.resume", resume, "use auto, none or a checkpoint directory")]
     check = check_paths is True or (not isinstance(check_paths, bool) and "checkpoint" in check_paths)
     if check and resume not in ("auto", "none") and not Path(resume).is_dir():
-        return [config_error("checkpoint.resume", resume,
-                             "not a checkpoint directory; use auto, none or an existing path")]
+        return [
+            config_error(
+                "checkpoint.resume", resume, "not a checkpoint directory; use auto, none or an existing path"
+            )
+        ]
     return []
 
 
 def _batch_message(t: TrainingSection, world_size: int) -> str:
     per_round = t.micro_batch_size * world_size
-    return (f"global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size * world_size = "
-            f"{t.micro_batch_size} * {world_size} = {per_round}; use a multiple of {per_round} or change "
-            "micro_batch_size")
+    return (
+        f"global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size * world_size = "
+        f"{t.micro_batch_size} * {world_size} = {per_round}; use a multiple of {per_round} or change "
+        "micro_batch_size"
+    )
 
 
 def _run_errors(cfg: TrainConfig, world_size: int, device: str | None) -> list[InitErrorDetails]:
     out: list[InitErrorDetails] = []
     t = cfg.training
     if t.global_batch_size % (t.micro_batch_size * world_size):
-        out.append(config_error("training.global_batch_size", t.global_batch_size, _batch_message(t, world_size)))
+        out.append(
+            config_error("training.global_batch_size", t.global_batch_size, _batch_message(t, world_size))
+        )
     if (t.epochs is None) == (t.max_steps is None):
-        out.append(config_error("training.epochs", t.epochs, "set exactly one of training.epochs and training.max_steps"))
+        out.append(
+            config_error(
+                "training.epochs", t.epochs, "set exactly one of training.epochs and training.max_steps"
+            )
+        )
     if cfg.optim.warmup_epochs is not None and cfg.optim.warmup_steps is not None:
-        out.append(config_error("optim.warmup_epochs", cfg.optim.warmup_epochs,
-                                "set warmup_epochs or warmup_steps, not both"))
+        out.append(
+            config_error(
+                "optim.warmup_epochs", cfg.optim.warmup_epochs, "set warmup_epochs or warmup_steps, not both"
+            )
+        )
     warmup_epochs = cfg.optim.warmup_epochs
     if t.epochs is not None and warmup_epochs is not None and warmup_epochs >= t.epochs:
-        out.append(config_error("optim.warmup_epochs", cfg.optim.warmup_epochs,
-                                f"must be below training.epochs = {t.epochs}"))
-    if t.max_steps is not None and cfg.optim.warmup_steps is not None and cfg.optim.warmup_steps >= t.max_steps:
-        out.append(config_error("optim.warmup_steps", cfg.optim.warmup_steps,
-                                f"must be below training.max_steps = {t.max_steps}"))
+        out.append(
+            config_error(
+                "optim.warmup_epochs", cfg.optim.warmup_epochs, f"must be below training.epochs = {t.epochs}"
+            )
+        )
+    if (
+        t.max_steps is not None
+        and cfg.optim.warmup_steps is not None
+        and cfg.optim.warmup_steps >= t.max_steps
+    ):
+        out.append(
+            config_error(
+                "optim.warmup_steps",
+                cfg.optim.warmup_steps,
+                f"must be below training.max_steps = {t.max_steps}",
+            )
+        )
     if t.ema_decay is not None and cfg.distributed.strategy == "fsdp2":
-        out.append(config_error("training.ema_decay", t.ema_decay,
-                                "an EMA of FSDP2-sharded weights is not supported: use "
-                                "distributed.strategy=ddp or set training.ema_decay=null"))
+        out.append(
+            config_error(
+                "training.ema_decay",
+                t.ema_decay,
+                "an EMA of FSDP2-sharded weights is not supported: use "
+                "distributed.strategy=ddp or set training.ema_decay=null",
+            )
+        )
     if cfg.precision.dtype == "fp16" and device is not None and not str(device).startswith("cuda"):
-        out.append(config_error("precision.dtype", "fp16",
-                                f"fp16 is not supported on device {device!r}; use bf16 or fp32"))
+        out.append(
+            config_error(
+                "precision.dtype", "fp16", f"fp16 is not supported on device {device!r}; use bf16 or fp32"
+            )
+        )
     return out
 
 
 # ---- YAML and overrides ------------------------------------------------------------------------------------------
 
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads ``1e-4`` (no dot) as a float, as YAML 1.2 does."""
 
 
-def _construct_unique_mapping(
-    loader: _Loader, node: yaml.MappingNode, deep: bool = False
-) -> dict[Any, Any]:
+def _construct_unique_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
     """A mapping whose keys must be unique: YAML would silently keep the last of two equal keys."""
     seen: dict[Any, yaml.Node] = {}
     for key_node, _ in node.value:
@@ -309,8 +400,11 @@ def _construct_unique_mapping(
         if key in seen:
             first = seen[key].start_mark.line + 1
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first on line {first}); keep one of them",
-                key_node.start_mark)
+                None,
+                None,
+                f"duplicate key {key!r} (first on line {first}); keep one of them",
+                key_node.start_mark,
+            )
         seen[key] = key_node
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
@@ -360,8 +454,10 @@ def _apply_override(
     for depth, key in enumerate(keys):
         if cls is not None and key not in cls.model_fields:
             where = ".".join(keys[:depth]) or "the top level"
-            raise ConfigError(f"override {raw!r}: unknown key {'.'.join(keys[: depth + 1])!r}; valid keys at "
-                              f"{where}: {', '.join(cls.model_fields)}")
+            raise ConfigError(
+                f"override {raw!r}: unknown key {'.'.join(keys[: depth + 1])!r}; valid keys at "
+                f"{where}: {', '.join(cls.model_fields)}"
+            )
         if depth == len(keys) - 1:
             node[key] = value
             return
@@ -449,6 +545,7 @@ def config_to_yaml(cfg: TrainConfig) -> str:
 
 # ---- error messages ------------------------------------------------------------------------------------------------
 
+
 def _field_at(schema: type[BaseModel], loc: Sequence[int | str]) -> tuple[type[BaseModel] | None, Any]:
     """(the section class holding the last key of ``loc``, that field's annotation or None)."""
     cls: type[BaseModel] | None = schema
@@ -527,6 +624,7 @@ def type_name(annotation: Any) -> str:
 
 # ---- reference documentation --------------------------------------------------------------------------------------
 
+
 def _default_text(field: Any) -> str:
     if field.default_factory is not None:
         value = field.default_factory()
@@ -547,7 +645,12 @@ def _default_text(field: Any) -> str:
 def _reference_rows(cls: type[BaseModel], prefix: str) -> Iterable[str]:
     for name, field in cls.model_fields.items():
         path = f"{prefix}{name}"
-        cells = [f"`{path}`", f"`{type_name(field.annotation)}`", _default_text(field), field.description or ""]
+        cells = [
+            f"`{path}`",
+            f"`{type_name(field.annotation)}`",
+            _default_text(field),
+            field.description or "",
+        ]
         yield "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
         sub = _submodel(field.annotation)
         if sub is not None:
@@ -558,5 +661,3 @@ def config_reference_markdown(schema: type[BaseModel]) -> str:
     """A markdown table of every field of ``schema``: dotted path, type, default and description."""
     header = ["| field | type | default | description |", "|---|---|---|---|"]
     return "\n".join(header + list(_reference_rows(schema, ""))) + "\n"
-
-

@@ -21,7 +21,14 @@ from deqgen.files import atomic_write_text
 from deqgen.training import tasks
 from deqgen.training.checkpoint import CheckpointManager
 from deqgen.training.config import check_config_compatible
-from deqgen.training.distributed import DistInfo, barrier, init_distributed, seed_everything, seed_for_rank, teardown
+from deqgen.training.distributed import (
+    DistInfo,
+    barrier,
+    init_distributed,
+    seed_everything,
+    seed_for_rank,
+    teardown,
+)
 from deqgen.training.engine import check_batch_fits, fit
 from deqgen.training.metrics import setup_logging
 from deqgen.training.rundir import open_run_dir
@@ -77,8 +84,9 @@ def run(cfg: TrainConfig, dist: DistInfo | None = None, *, overwrite: bool = Fal
         set_matmul_precision(cfg, dist)
         task = task_class.setup(cfg, dist, out)
         check_batch_fits(cfg, len(task.dataset()))  # before any model trains
-        results = [fit(task, cfg, dist, out, role, i, check_config_compatible)
-                   for i, role in enumerate(task.roles())]
+        results = [
+            fit(task, cfg, dist, out, role, i, check_config_compatible) for i, role in enumerate(task.roles())
+        ]
         if dist.is_main:
             task.summarize(results)
         barrier()
@@ -92,15 +100,19 @@ def check_task_options(cfg: TrainConfig, task_class: type[Task]) -> None:
         ValueError: ``training.activation_checkpointing`` for a task without it.
     """
     if cfg.training.activation_checkpointing and not task_class.supports_activation_checkpointing:
-        raise ValueError(f"training.activation_checkpointing=true: task {cfg.task!r} does not support it; "
-                         "set training.activation_checkpointing=false")
+        raise ValueError(
+            f"training.activation_checkpointing=true: task {cfg.task!r} does not support it; "
+            "set training.activation_checkpointing=false"
+        )
 
 
 def verify_explicit_resume(cfg: TrainConfig, dist: DistInfo) -> None:
     """A damaged explicit ``checkpoint.resume`` path fails before anything is written."""
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "none") and dist.is_main:
-        CheckpointManager(Path(resume).parent, dist=dist, verify_hash=cfg.checkpoint.verify_hash).verify(resume)
+        CheckpointManager(Path(resume).parent, dist=dist, verify_hash=cfg.checkpoint.verify_hash).verify(
+            resume
+        )
 
 
 def write_config(cfg: TrainConfig, dist: DistInfo, out: Path) -> None:

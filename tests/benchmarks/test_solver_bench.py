@@ -58,4 +58,6 @@ def test_solver(benchmark, problem: str, tol: float, solver: str, library: str) 
     )
     assert torch.isfinite(z).all()
     if library == "deqgen":  # deqgen promises every row at or below tol on these contractions
-        assert float(res.max()) <= tol * 1.05, f"{problem} {solver}: max residual {float(res.max()):.3g} > tol"
+        assert float(res.max()) <= tol * 1.05, (
+            f"{problem} {solver}: max residual {float(res.max()):.3g} > tol"
+        )

@@ -36,8 +36,14 @@ def digits_halves() -> tuple[DigitsData, DigitsData]:
 def trained(digits_halves: tuple[DigitsData, DigitsData]) -> DigitsClassifier:
     _, held_out = digits_halves
     epochs = 2 if held_out.source == "mnist5k" else 6  # sklearn's 898 tiny images need more passes
-    return train_digits_classifier(held_out.images, held_out.labels, epochs=epochs, batch_size=16, lr=3e-3,
-                                   generator=torch.Generator().manual_seed(0))
+    return train_digits_classifier(
+        held_out.images,
+        held_out.labels,
+        epochs=epochs,
+        batch_size=16,
+        lr=3e-3,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def test_reaches_90_percent_on_the_other_split(
@@ -89,14 +95,17 @@ def test_training_is_deterministic_and_leaves_the_global_rng_alone() -> None:
     config = DigitsClassifierConfig(side=8, width=8, feature_dim=16)
     state = torch.random.get_rng_state()
     runs = [
-        train_digits_classifier(images, labels, epochs=2, batch_size=16, generator=torch.Generator().manual_seed(1),
-                                config=config)
+        train_digits_classifier(
+            images, labels, epochs=2, batch_size=16, generator=torch.Generator().manual_seed(1), config=config
+        )
         for _ in range(2)
     ]
     assert torch.equal(state, torch.random.get_rng_state())
     for (name, a), b in zip(runs[0].state_dict().items(), runs[1].state_dict().values()):
         assert torch.equal(a, b), name
-    other = train_digits_classifier(images, labels, epochs=1, generator=torch.Generator().manual_seed(2), config=config)
+    other = train_digits_classifier(
+        images, labels, epochs=1, generator=torch.Generator().manual_seed(2), config=config
+    )
     assert not torch.equal(other.head.weight, runs[0].head.weight)
 
 
@@ -104,5 +113,6 @@ def test_bad_inputs_are_rejected() -> None:
     with pytest.raises(ValueError, match="side >= 4"):
         DigitsClassifierConfig(side=2)
     with pytest.raises(ValueError, match="int64"):
-        train_digits_classifier(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.int32), epochs=1,
-                                generator=torch.Generator())
+        train_digits_classifier(
+            torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.int32), epochs=1, generator=torch.Generator()
+        )

@@ -77,7 +77,9 @@ def test_local_weights_are_passed_to_torch_fidelity(tmp_path: Path, fake_torch_f
     folder = tmp_path / "pngs"
     folder.mkdir()
     npz = write_samples_npz(tmp_path / "samples.npz", _uint8_images(5, 1))
-    metrics = compute_fidelity_metrics(npz, folder, feature_extractor_weights_path=weights, kid=True, verbose=True)
+    metrics = compute_fidelity_metrics(
+        npz, folder, feature_extractor_weights_path=weights, kid=True, verbose=True
+    )
     assert metrics == {"frechet_inception_distance": 1.5, "inception_score_mean": 2.0}
     (call,) = fake_torch_fidelity
     assert call["feature_extractor"] == "inception-v3-compat"
@@ -95,7 +97,9 @@ def test_missing_torch_fidelity_says_what_to_install(tmp_path: Path, monkeypatch
     weights.write_bytes(b"stand-in")
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # makes `import torch_fidelity` fail
     with pytest.raises(ImportError, match=r"pip install 'deqgen\[eval\]'"):
-        compute_fidelity_metrics(_uint8_images(2, 0), isc=True, fid=False, feature_extractor_weights_path=weights)
+        compute_fidelity_metrics(
+            _uint8_images(2, 0), isc=True, fid=False, feature_extractor_weights_path=weights
+        )
 
 
 def test_resolve_and_input_checks(tmp_path: Path) -> None:
@@ -105,7 +109,9 @@ def test_resolve_and_input_checks(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="pass input2"):
         compute_fidelity_metrics(_uint8_images(2, 0), feature_extractor_weights_path=weights)
     with pytest.raises(FileNotFoundError, match="neither an image folder"):
-        compute_fidelity_metrics(tmp_path / "nope.npz", isc=True, fid=False, feature_extractor_weights_path=weights)
+        compute_fidelity_metrics(
+            tmp_path / "nope.npz", isc=True, fid=False, feature_extractor_weights_path=weights
+        )
     with pytest.raises(ValueError, match="uint8"):
         UInt8ImageDataset(np.zeros((2, 8, 8, 3), np.float32))
 
@@ -118,8 +124,13 @@ def _random_cnn(seed: int) -> nn.Module:
     """
     with torch.device("meta"):  # no draws from the global RNG; every weight is set below
         net = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 24),
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(32, 24),
         )
     net.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
@@ -154,7 +165,10 @@ def test_feature_fid_identical_sets_are_zero_and_shift_is_positive() -> None:
 def test_streaming_matches_one_shot_and_reference_statistics() -> None:
     net = _random_cnn(1)
     real, fake = _images(200, 3), _images(150, 4) * 0.5
-    feats_real, feats_fake = extract_features(net, real, batch_size=32), extract_features(net, fake, batch_size=1000)
+    feats_real, feats_fake = (
+        extract_features(net, real, batch_size=32),
+        extract_features(net, fake, batch_size=1000),
+    )
     assert feats_real.shape == (200, 24) and feats_real.dtype == torch.float32
     expected = fid_from_features(feats_real, feats_fake)
     metric = FeatureFIDMetric(net, batch_size=17, keep_features=True)

@@ -41,13 +41,18 @@ def test_identical_feature_sets_give_zero() -> None:
 def test_exact_gaussians_match_scipy_sqrtm(method: str) -> None:
     gen = torch.Generator().manual_seed(1)
     dim = 12
-    mu1, mu2 = torch.randn(dim, generator=gen, dtype=torch.float64), torch.randn(dim, generator=gen, dtype=torch.float64)
+    mu1, mu2 = (
+        torch.randn(dim, generator=gen, dtype=torch.float64),
+        torch.randn(dim, generator=gen, dtype=torch.float64),
+    )
     s1, s2 = _random_spd(dim, gen), _random_spd(dim, gen)
     expected = _closed_form_scipy(mu1.numpy(), s1.numpy(), mu2.numpy(), s2.numpy())
     got = frechet_distance(mu1, s1, mu2, s2, method=method)  # type: ignore[arg-type]
     assert got == pytest.approx(expected, rel=1e-8)
     # numpy inputs work too.
-    assert frechet_distance(mu1.numpy(), s1.numpy(), mu2.numpy(), s2.numpy()) == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(mu1.numpy(), s1.numpy(), mu2.numpy(), s2.numpy()) == pytest.approx(
+        expected, rel=1e-8
+    )
 
 
 def test_empirical_samples_approach_the_exact_distance() -> None:
@@ -94,7 +99,9 @@ def test_streaming_statistics_match_numpy_with_a_large_offset() -> None:
     for batch in feats.split(77):
         stats.update(batch)
     np.testing.assert_allclose(stats.mean.numpy(), feats.numpy().mean(axis=0), rtol=1e-14)
-    np.testing.assert_allclose(stats.covariance().numpy(), np.cov(feats.numpy(), rowvar=False), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        stats.covariance().numpy(), np.cov(feats.numpy(), rowvar=False), rtol=1e-9, atol=1e-12
+    )
     mu, sigma = feature_statistics(feats.float(), chunk_size=100)
     assert mu.dtype == sigma.dtype == torch.float64 and sigma.shape == (6, 6)
 
@@ -115,7 +122,9 @@ def test_inception_score_one_hot_uniform_is_k_and_constant_is_one() -> None:
     one_hot = torch.nn.functional.one_hot(labels, k).double()
     mean, std = inception_score(one_hot, splits=splits)
     assert mean == pytest.approx(k, rel=1e-12) and std == pytest.approx(0.0, abs=1e-12)
-    constant = torch.softmax(torch.randn(1, k, generator=torch.Generator().manual_seed(0)), dim=1).repeat(200, 1)
+    constant = torch.softmax(torch.randn(1, k, generator=torch.Generator().manual_seed(0)), dim=1).repeat(
+        200, 1
+    )
     mean, std = inception_score(constant, splits=splits)
     assert mean == pytest.approx(1.0, abs=1e-6) and std == pytest.approx(0.0, abs=1e-6)
 

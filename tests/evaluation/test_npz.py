@@ -112,7 +112,9 @@ def test_corrupt_shard_is_detected_and_redone(tmp_path: Path, caplog: pytest.Log
     with caplog.at_level(logging.WARNING, logger="deqgen.evaluation.npz"):
         assert _run_rank(tmp_path, 0, 1) == [10, 20, 30]
     assert "damaged" in caplog.text
-    assert read_samples_npz(merge_shards(tmp_path, tmp_path / "all.npz"))[:, 0, 0, 0].tolist() == list(range(TOTAL))
+    assert read_samples_npz(merge_shards(tmp_path, tmp_path / "all.npz"))[:, 0, 0, 0].tolist() == list(
+        range(TOTAL)
+    )
 
 
 def test_shard_with_wrong_contents_is_redone(tmp_path: Path) -> None:

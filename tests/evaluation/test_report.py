@@ -40,15 +40,25 @@ def report(demo_run: Path) -> Path:
 def test_report_has_its_sections_plots_and_the_measured_numbers(report: Path) -> None:
     """The markdown carries what report.json measured (not only the paper's quoted constants)."""
     text = (report / "report.md").read_text()
-    for heading in ("## 1. VIAR vs the same-width VAR", "## 2. Training step: memory and time",
-                    "## 3. Quality against throughput", "## 4. Convergence of the implicit block"):
+    for heading in (
+        "## 1. VIAR vs the same-width VAR",
+        "## 2. Training step: memory and time",
+        "## 3. Quality against throughput",
+        "## 4. Convergence of the implicit block",
+    ):
         assert heading in text
     data = json.loads((report / "report.json").read_text())
     rows = {r["label"]: r for r in data["sweep"]}
     viar = rows[f"VIAR {data['sampling']['schedule']}"]
-    measured = [f"{data['parameters']['viar']:,}", f"{data['parameters']['var']:,}",
-                f"{viar['class_accuracy']:.3f}", f"{viar['feature_fid']:.2f}", f"{rows['VAR']['feature_fid']:.2f}",
-                f"{viar['images_per_second']:.1f}", f"{data['machine']['cpu_count']} CPU cores"]
+    measured = [
+        f"{data['parameters']['viar']:,}",
+        f"{data['parameters']['var']:,}",
+        f"{viar['class_accuracy']:.3f}",
+        f"{viar['feature_fid']:.2f}",
+        f"{rows['VAR']['feature_fid']:.2f}",
+        f"{viar['images_per_second']:.1f}",
+        f"{data['machine']['cpu_count']} CPU cores",
+    ]
     for number in measured:
         assert number in text, number
     for png in ("training_memory.png", "quality_vs_throughput.png", "convergence.png"):
@@ -61,8 +71,13 @@ def test_report_reads_the_runs_own_config(report: Path, demo_run: Path) -> None:
     cfg = load_config(demo_run / "config.yaml", check_paths=False, world_size=1)
     data = json.loads((report / "report.json").read_text())
     s = cfg.sampling
-    assert data["sampling"] == {"schedule": s.schedule, "cfg_scale": s.cfg_scale, "top_k": s.top_k,
-                                "top_p": s.top_p, "seed": s.seed}
+    assert data["sampling"] == {
+        "schedule": s.schedule,
+        "cfg_scale": s.cfg_scale,
+        "top_k": s.top_k,
+        "top_p": s.top_p,
+        "seed": s.seed,
+    }
     assert s.schedule == "linear:4:2"  # the recipe's, which differs from the schema default
     assert f"VIAR {s.schedule}" in {r["label"] for r in data["sweep"]}
 
@@ -104,7 +119,9 @@ def test_convergence_section_is_consistent(report: Path) -> None:
             assert c["solver_gap"] < 1e-5  # relative; the sampler stores the solver's residual in float32
 
 
-def test_incomplete_run_exits_2_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_incomplete_run_exits_2_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "deqgen demo recipes/mnist_cpu.yaml" in capsys.readouterr().err
     (tmp_path / "half").mkdir()
@@ -142,6 +159,8 @@ def test_curves_match_a_manual_picard_loop_in_float64() -> None:
             rel.append((fz - zs[-1]).flatten(1).norm(dim=1) / fz.flatten(1).norm(dim=1))
             zs.append(fz)
     assert torch.allclose(curves[0].rel_residual, torch.stack(rel), rtol=1e-12, atol=0)
-    cos = torch.stack([torch.nn.functional.cosine_similarity(z.flatten(1), zs[-1].flatten(1), dim=1) for z in zs])
+    cos = torch.stack(
+        [torch.nn.functional.cosine_similarity(z.flatten(1), zs[-1].flatten(1), dim=1) for z in zs]
+    )
     assert torch.allclose(curves[0].cosine, cos, rtol=0, atol=1e-13)
     assert float(curves[0].rel_residual[0].min()) > 1e-6  # the map actually moves: the check is not vacuous

@@ -18,7 +18,9 @@ from deqgen.evaluation.npz import read_samples_npz, to_uint8_nhwc, write_samples
 from deqgen.models.viar.convert import load_converted
 from deqgen.models.viar.sampling import generate
 
-SPEC = sf.SampleSpec(classes=(3, 1), per_class=3, schedule="constant:2", cfg_scale=1.5, top_k=5, seed=7, batch_size=2)
+SPEC = sf.SampleSpec(
+    classes=(3, 1), per_class=3, schedule="constant:2", cfg_scale=1.5, top_k=5, seed=7, batch_size=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,9 @@ def models(dirs: tuple[Path, Path]) -> tuple[torch.nn.Module, torch.nn.Module]:
     return load_converted(dirs[0]).eval(), load_converted(dirs[1]).eval()
 
 
-def _sample(models: tuple, shard_dir: Path, out: Path, world: int = 1, spec: sf.SampleSpec = SPEC) -> list[int]:
+def _sample(
+    models: tuple, shard_dir: Path, out: Path, world: int = 1, spec: sf.SampleSpec = SPEC
+) -> list[int]:
     done = [sf.sample_shards(*models, spec, shard_dir, rank=r, world_size=world) for r in range(world)]
     sf.merge_samples(shard_dir, out, spec)
     return done
@@ -47,12 +51,14 @@ def test_npz_is_adm_format_class_major_with_labels(models: tuple, tmp_path: Path
     assert labels.dtype == np.int64 and labels.tolist() == [3, 3, 3, 1, 1, 1]
     assert np.array_equal(read_samples_npz(out), arr)
     # shard [2, 4) is sample 2 (class 3) and sample 3 (class 1), drawn with the global indices 2 and 3
-    res = generate(*models, torch.tensor([3, 1]), schedule="constant:2", cfg_scale=1.5, top_k=5, seed=7,
-                   sample_offset=2)
+    res = generate(
+        *models, torch.tensor([3, 1]), schedule="constant:2", cfg_scale=1.5, top_k=5, seed=7, sample_offset=2
+    )
     assert np.array_equal(arr[2:4], to_uint8_nhwc(res.images, value_range=(0.0, 1.0)))
     # other global indices draw other tokens: the offset matters
-    other = generate(*models, torch.tensor([3, 1]), schedule="constant:2", cfg_scale=1.5, top_k=5, seed=7,
-                     sample_offset=0)
+    other = generate(
+        *models, torch.tensor([3, 1]), schedule="constant:2", cfg_scale=1.5, top_k=5, seed=7, sample_offset=0
+    )
     assert not np.array_equal(arr[2:4], to_uint8_nhwc(other.images, value_range=(0.0, 1.0)))
 
 
@@ -100,12 +106,35 @@ def test_missing_shards_are_named_at_merge(models: tuple, tmp_path: Path) -> Non
 def test_cli_eval_writes_npz_and_classifier_metrics(dirs: tuple[Path, Path], tmp_path: Path) -> None:
     clf = DigitsClassifier(DigitsClassifierConfig(side=64), generator=torch.Generator().manual_seed(0))
     clf.save(tmp_path / "clf.safetensors")
-    ref = write_samples_npz(tmp_path / "ref.npz", np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3),
-                                                                                     dtype=np.uint8))
+    ref = write_samples_npz(
+        tmp_path / "ref.npz", np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    )
     out = tmp_path / "run" / "samples.npz"
-    rc = main(["eval", str(dirs[0]), "--vqvae", str(dirs[1]), "--per-class", "2", "--classes", "0", "4",
-               "--out", str(out), "--batch-size", "2", "--schedule", "constant:2", "--top-k", "5",
-               "--classifier", str(tmp_path / "clf.safetensors"), "--reference", str(ref)])
+    rc = main(
+        [
+            "eval",
+            str(dirs[0]),
+            "--vqvae",
+            str(dirs[1]),
+            "--per-class",
+            "2",
+            "--classes",
+            "0",
+            "4",
+            "--out",
+            str(out),
+            "--batch-size",
+            "2",
+            "--schedule",
+            "constant:2",
+            "--top-k",
+            "5",
+            "--classifier",
+            str(tmp_path / "clf.safetensors"),
+            "--reference",
+            str(ref),
+        ]
+    )
     assert rc == 0
     with np.load(out) as data:
         assert data["arr_0"].shape == (4, 64, 64, 3) and data["labels"].tolist() == [0, 0, 4, 4]
@@ -115,8 +144,30 @@ def test_cli_eval_writes_npz_and_classifier_metrics(dirs: tuple[Path, Path], tmp
     assert record["spec"]["classes"] == [0, 4] and record["num_samples"] == 4
     # a rerun finds every shard done and writes the same file
     first = out.read_bytes()
-    assert main(["eval", str(dirs[0]), "--vqvae", str(dirs[1]), "--per-class", "2", "--classes", "0", "4",
-                 "--out", str(out), "--batch-size", "2", "--schedule", "constant:2", "--top-k", "5"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(dirs[0]),
+                "--vqvae",
+                str(dirs[1]),
+                "--per-class",
+                "2",
+                "--classes",
+                "0",
+                "4",
+                "--out",
+                str(out),
+                "--batch-size",
+                "2",
+                "--schedule",
+                "constant:2",
+                "--top-k",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert out.read_bytes() == first
 
 
@@ -138,8 +189,13 @@ def _snapshot(root: Path) -> dict[str, int]:
         (["--per-class", "2", "--classifier", "nowhere/clf.safetensors"], "needs the weights file"),
     ],
 )
-def test_bad_arguments_exit_2_and_write_nothing(dirs: tuple[Path, Path], tmp_path: Path, extra: list[str],
-                                                message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_arguments_exit_2_and_write_nothing(
+    dirs: tuple[Path, Path],
+    tmp_path: Path,
+    extra: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     ref = write_samples_npz(tmp_path / "ref.npz", np.zeros((2, 64, 64, 3), dtype=np.uint8))
     extra = [str(ref) if a == "REF" else a for a in extra]
     before = _snapshot(tmp_path)
@@ -153,13 +209,40 @@ def test_bad_arguments_exit_2_and_write_nothing(dirs: tuple[Path, Path], tmp_pat
     assert _snapshot(tmp_path) == before
 
 
-def test_other_bad_inputs_exit_2(dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["eval", str(dirs[0]), "--vqvae", str(dirs[1]), "--per-class", "1", "--classes", "0", "--batch-size", "1",
-            "--schedule", "constant:1"]
+def test_other_bad_inputs_exit_2(
+    dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = [
+        "eval",
+        str(dirs[0]),
+        "--vqvae",
+        str(dirs[1]),
+        "--per-class",
+        "1",
+        "--classes",
+        "0",
+        "--batch-size",
+        "1",
+        "--schedule",
+        "constant:1",
+    ]
     assert main([*base, "--out", str(tmp_path / "s.png")]) == 2
     assert "must end in .npz" in capsys.readouterr().err
-    assert main(["eval", str(dirs[1]), "--vqvae", str(dirs[0]), "--per-class", "1", "--out",
-                 str(tmp_path / "s.npz")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                str(dirs[1]),
+                "--vqvae",
+                str(dirs[0]),
+                "--per-class",
+                "1",
+                "--out",
+                str(tmp_path / "s.npz"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "holds a tokenizer" in err and "swap them" in err
     # the weights file exists but torch-fidelity is missing: refused before sampling

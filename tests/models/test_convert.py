@@ -47,10 +47,25 @@ def _tiny_official(table: str, name: str, seed: int = 0) -> dict[str, torch.Tens
     """A tiny state dict in the official layout: the d30 key table's keys and shapes, scaled down."""
     cfg = preset(name)
     C, H, L, K = cfg.width, cfg.heads, cfg.seq_len, cfg.num_scales
-    dims = {1920: C, 3840: 2 * C, 5760: 3 * C, 7680: 4 * C, 11520: 6 * C, 30: H, 680: L, 10: K,
-            1001: cfg.num_classes + 1, 4096: cfg.vocab_size, 32: cfg.z_channels, 1: 1}
-    counts = {"blocks": cfg.depth} if cfg.implicit is None else {
-        "pre_blocks": cfg.implicit.pre_depth, "post_blocks": cfg.implicit.post_depth}
+    dims = {
+        1920: C,
+        3840: 2 * C,
+        5760: 3 * C,
+        7680: 4 * C,
+        11520: 6 * C,
+        30: H,
+        680: L,
+        10: K,
+        1001: cfg.num_classes + 1,
+        4096: cfg.vocab_size,
+        32: cfg.z_channels,
+        1: 1,
+    }
+    counts = (
+        {"blocks": cfg.depth}
+        if cfg.implicit is None
+        else {"pre_blocks": cfg.implicit.pre_depth, "post_blocks": cfg.implicit.post_depth}
+    )
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for key, shape in _tsv(table).items():
@@ -127,7 +142,9 @@ class _NotATensor:
 def test_non_tensor_pickle_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"weight": torch.zeros(1), "obj": _NotATensor()}, path)
-    with pytest.raises(CheckpointError, match=r"evil\.pth: cannot be read with torch\.load\(weights_only=True\)"):
+    with pytest.raises(
+        CheckpointError, match=r"evil\.pth: cannot be read with torch\.load\(weights_only=True\)"
+    ):
         convert_checkpoint(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -161,7 +178,13 @@ def test_official_tiny_vqvae_converts_and_reproduces_its_tokens(tmp_path: Path) 
     out = convert_checkpoint(tmp_path / "vae.pth", tmp_path / "vae", patch_nums=(1, 2, 3, 4))
     vae = load_converted(out).eval()
     cfg = vae.config
-    assert (cfg.ch, cfg.vocab_size, cfg.z_channels, cfg.ch_mult, cfg.share_quant_resi) == (32, 64, 8, (1, 1, 2, 2, 4), 4)
+    assert (cfg.ch, cfg.vocab_size, cfg.z_channels, cfg.ch_mult, cfg.share_quant_resi) == (
+        32,
+        64,
+        8,
+        (1, 1, 2, 2, 4),
+        4,
+    )
     with torch.no_grad():
         got = vae.img_to_indices(fx["images"])
     for a, b in zip(got, fx["idx_Bl"]):

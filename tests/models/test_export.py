@@ -42,7 +42,8 @@ def test_configs_built_from_lists_equal_those_built_from_tuples() -> None:
     assert VQVAEConfig(**vq) == VQVAEConfig(ch_mult=(1, 2), patch_nums=(1, 2))
     spec = {"pre_depth": 1, "post_depth": 1, "train_no_grad": [0, 2]}
     assert TransformerConfig(depth=4, implicit=spec) == TransformerConfig(  # type: ignore[arg-type]
-        depth=4, implicit=ImplicitSpec(pre_depth=1, post_depth=1, train_no_grad=(0, 2)))
+        depth=4, implicit=ImplicitSpec(pre_depth=1, post_depth=1, train_no_grad=(0, 2))
+    )
 
 
 @pytest.mark.parametrize("name", [*PRESETS, *VQVAE_PRESETS])
@@ -139,7 +140,10 @@ def test_converted_files_get_the_umask_permissions(tmp_path: Path) -> None:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {
-        "README.md": 0o644, "config.json": 0o644, "model.safetensors": 0o644}
+        "README.md": 0o644,
+        "config.json": 0o644,
+        "model.safetensors": 0o644,
+    }
 
 
 # ---------------------------------------------------------------------------------- card and from_pretrained

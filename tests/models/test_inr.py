@@ -94,8 +94,12 @@ def test_warm_start_from_the_equilibrium_needs_one_evaluation() -> None:
 
 def test_relu_cell_solves_to_its_own_fixed_point() -> None:
     cfg = replace(TINY, activation="relu")
-    model = build_inr(cfg, gradient=JFB(), train_solver=Picard(tol=1e-6, max_iter=100),
-                      generator=torch.Generator().manual_seed(3)).eval()
+    model = build_inr(
+        cfg,
+        gradient=JFB(),
+        train_solver=Picard(tol=1e-6, max_iter=100),
+        generator=torch.Generator().manual_seed(3),
+    ).eval()
     assert isinstance(model, DEQINR)
     coords = pixel_grid(4, 6)
     _, info = model(coords)

@@ -24,7 +24,9 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(n)
 
 
-def _images(cfg: MDEQConfig, batch: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _images(
+    cfg: MDEQConfig, batch: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).to(dtype)
 
@@ -71,7 +73,9 @@ def _grads(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -
 def test_implicit_gradient_matches_a_long_unroll_and_jfb_reaches_every_parameter() -> None:
     images, labels = _images(TINY, dtype=F64), torch.tensor([0, 1, 2, 3])
     tight = Anderson(tol=1e-12, max_iter=200)
-    implicit = _model(gradient=ImplicitDiff(solver=Picard(tol=1e-12, max_iter=300)), train_solver=tight).double()
+    implicit = _model(
+        gradient=ImplicitDiff(solver=Picard(tol=1e-12, max_iter=300)), train_solver=tight
+    ).double()
     unrolled = _model(gradient=Unrolled(k=120), train_solver=tight).double()
     jfb = _model(gradient=JFB(k=1), train_solver=tight).double()
     g_imp, g_unr, g_jfb = (_grads(m.train(), images, labels) for m in (implicit, unrolled, jfb))

@@ -91,7 +91,9 @@ def _ref_forward(model, labels, feats, K: int | None):
     levels = torch.cat([torch.full((p * p,), i) for i, p in enumerate(cfg.patch_nums)])
     mask = torch.where(levels[:, None] >= levels[None, :], 0.0, -math.inf).to(feats.dtype)
     cond = P["class_emb.weight"][labels]
-    x = torch.cat([cond[:, None] + P["pos_start"], feats @ P["word_embed.weight"].T + P["word_embed.bias"]], 1)
+    x = torch.cat(
+        [cond[:, None] + P["pos_start"], feats @ P["word_embed.weight"].T + P["word_embed.bias"]], 1
+    )
     x = x + P["lvl_embed.weight"][levels] + P["pos_1LC"]
     if cfg.implicit is None:
         for i in range(cfg.depth):
@@ -102,9 +104,15 @@ def _ref_forward(model, labels, feats, K: int | None):
         u, z = x, x
         for _ in range(K):
             zu = torch.cat([z, u], -1)
-            h = F.gelu(zu @ P["trunk.implicit.f.projection.net.0.weight"].T
-                       + P["trunk.implicit.f.projection.net.0.bias"], approximate="tanh")
-            h = h @ P["trunk.implicit.f.projection.net.2.weight"].T + P["trunk.implicit.f.projection.net.2.bias"]
+            h = F.gelu(
+                zu @ P["trunk.implicit.f.projection.net.0.weight"].T
+                + P["trunk.implicit.f.projection.net.0.bias"],
+                approximate="tanh",
+            )
+            h = (
+                h @ P["trunk.implicit.f.projection.net.2.weight"].T
+                + P["trunk.implicit.f.projection.net.2.bias"]
+            )
             z = _ref_block(P, "trunk.implicit.f.block.", h, cond, mask, C, H)
         x = z
         for i in range(cfg.implicit.post_depth):
@@ -203,7 +211,9 @@ def test_fourteen_scales_and_other_pyramids_work() -> None:
 
 def test_viar_training_draws_one_drop_mask_per_forward() -> None:
     cfg = preset("viar_tiny", drop_path_rate=0.5, dropout=0.1)
-    m = build_model(cfg, gradient=SJFB(no_grad=(3, 3), with_grad=(2, 2)), generator=torch.Generator().manual_seed(0))
+    m = build_model(
+        cfg, gradient=SJFB(no_grad=(3, 3), with_grad=(2, 2)), generator=torch.Generator().manual_seed(0)
+    )
     blk = m.trunk.map.block
     draws, calls = [], []
     orig_draw = blk.draw_masks
@@ -256,8 +266,12 @@ def test_weight_norm_option_starts_equal_to_plain_init() -> None:
 
 
 def test_jfb_gradient_trains_the_implicit_block() -> None:
-    m = build_model("viar_tiny", gradient=JFB(), train_solver=Picard(tol=None, max_iter=4),
-                    generator=torch.Generator().manual_seed(0)).train()
+    m = build_model(
+        "viar_tiny",
+        gradient=JFB(),
+        train_solver=Picard(tol=None, max_iter=4),
+        generator=torch.Generator().manual_seed(0),
+    ).train()
     cfg = m.cfg
     labels, feats = torch.tensor([0, 1]), torch.randn(2, cfg.seq_len - 1, cfg.z_channels)
     logits, stats = m(labels, feats, generator=torch.Generator().manual_seed(0))

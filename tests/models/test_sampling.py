@@ -99,8 +99,16 @@ def test_adaptive_schedule_stops_converged_samples_early(vqvae: MultiScaleVQVAE)
     m = _model("viar_tiny", jitter=0.0)  # blocks near the identity: a contraction
     labels = torch.arange(6)
     fixed = generate(m, vqvae, labels, schedule=Constant(30), cfg_scale=0.0, top_k=1, seed=0)
-    adapt = generate(m, vqvae, labels, schedule=Adaptive(tol=1e-5, max_iter=30), cfg_scale=0.0, top_k=1,
-                     seed=0, solver=Picard())
+    adapt = generate(
+        m,
+        vqvae,
+        labels,
+        schedule=Adaptive(tol=1e-5, max_iter=30),
+        cfg_scale=0.0,
+        top_k=1,
+        seed=0,
+        solver=Picard(),
+    )
     its = torch.stack([s.iterations for s in adapt.stats])  # (K, B)
     rel = torch.stack([s.rel_residual for s in adapt.stats])
     assert bool((rel <= 1e-5).all())
@@ -112,10 +120,27 @@ def test_adaptive_schedule_stops_converged_samples_early(vqvae: MultiScaleVQVAE)
 def test_anderson_and_warm_start_run_and_report(vqvae: MultiScaleVQVAE) -> None:
     m = _model("viar_tiny", jitter=0.0)
     labels = torch.arange(4)
-    cold = generate(m, vqvae, labels, schedule=Adaptive(tol=1e-6, max_iter=40), solver=Anderson(),
-                    cfg_scale=1.5, top_k=1, seed=0)
-    warm = generate(m, vqvae, labels, schedule=Adaptive(tol=1e-6, max_iter=40), solver=Anderson(),
-                    cfg_scale=1.5, top_k=1, seed=0, warm_start=True)
+    cold = generate(
+        m,
+        vqvae,
+        labels,
+        schedule=Adaptive(tol=1e-6, max_iter=40),
+        solver=Anderson(),
+        cfg_scale=1.5,
+        top_k=1,
+        seed=0,
+    )
+    warm = generate(
+        m,
+        vqvae,
+        labels,
+        schedule=Adaptive(tol=1e-6, max_iter=40),
+        solver=Anderson(),
+        cfg_scale=1.5,
+        top_k=1,
+        seed=0,
+        warm_start=True,
+    )
     for res in (cold, warm):
         assert len(res.stats) == m.cfg.num_scales and res.kv_bytes > 0
         assert bool((torch.stack([s.rel_residual for s in res.stats]) <= 1e-6).all())

@@ -9,12 +9,23 @@ import pytest
 import torch
 
 from deqgen import Anderson, Picard
-from deqgen.models.viar.logits import apply_cfg, cfg_ramp, per_sample_generators, sample_tokens, top_k_top_p_filter
+from deqgen.models.viar.logits import (
+    apply_cfg,
+    cfg_ramp,
+    per_sample_generators,
+    sample_tokens,
+    top_k_top_p_filter,
+)
 from deqgen.models.viar.schedules import Adaptive, Constant, Explicit, Linear, parse_schedule
 
 # From running the official VIAR code (mobiushy/VIAR) (numpy linspace cast to int).
-OFFICIAL = {(10, 10): [10] * 10, (10, 5): [10, 9, 8, 8, 7, 7, 6, 6, 5, 5], (6, 1): [6, 5, 4, 4, 3, 3, 2, 2, 1, 1],
-            (10, 1): list(range(10, 0, -1)), (1, 10): list(range(1, 11))}
+OFFICIAL = {
+    (10, 10): [10] * 10,
+    (10, 5): [10, 9, 8, 8, 7, 7, 6, 6, 5, 5],
+    (6, 1): [6, 5, 4, 4, 3, 3, 2, 2, 1, 1],
+    (10, 1): list(range(10, 0, -1)),
+    (1, 10): list(range(1, 11)),
+}
 
 
 @pytest.mark.parametrize(("pair", "want"), list(OFFICIAL.items()))
@@ -36,7 +47,9 @@ def test_solver_for_scale_sets_the_budget() -> None:
     assert (a.tol, a.max_iter, a.stop_mode) == (1e-3, 12, "rel")
 
 
-@pytest.mark.parametrize("spec", ["constant:10", "linear:10:5", "linear:10:5:floor", "list:3,2,1", "adaptive:0.001:20"])
+@pytest.mark.parametrize(
+    "spec", ["constant:10", "linear:10:5", "linear:10:5:floor", "list:3,2,1", "adaptive:0.001:20"]
+)
 def test_spec_round_trip(spec: str) -> None:
     assert parse_schedule(spec).to_spec() == spec
 
@@ -91,8 +104,12 @@ def test_sampling_frequencies_and_filtered_tokens_never_drawn() -> None:
     gens = per_sample_generators(torch.Generator().manual_seed(0), 1)
     tok = sample_tokens(logits, generators=gens)
     freq = torch.bincount(tok.flatten(), minlength=4).double() / tok.numel()
-    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64), atol=0.015, rtol=0)
-    tok_k = sample_tokens(logits, top_k=2, generators=per_sample_generators(torch.Generator().manual_seed(0), 1))
+    torch.testing.assert_close(
+        freq, torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64), atol=0.015, rtol=0
+    )
+    tok_k = sample_tokens(
+        logits, top_k=2, generators=per_sample_generators(torch.Generator().manual_seed(0), 1)
+    )
     assert set(tok_k.unique().tolist()) == {0, 1}
 
 

@@ -34,7 +34,9 @@ def _load(path: Path) -> dict:
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL, what: str = "") -> None:
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=0, msg=(lambda m: f"{what}: {m}") if what else None)
+    torch.testing.assert_close(
+        actual, expected, atol=atol, rtol=0, msg=(lambda m: f"{what}: {m}") if what else None
+    )
 
 
 def _equal_lists(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
@@ -48,8 +50,9 @@ def tiny() -> tuple[MultiScaleVQVAE, dict]:
     data = _load(TINY_FIXTURE)
     cfg = data["config"]
     model = MultiScaleVQVAE(
-        VQVAE_PRESETS["vae_tiny"].with_(beta=cfg["beta"], quant_resi=cfg["quant_resi"],
-                                        share_quant_resi=cfg["share_quant_resi"])
+        VQVAE_PRESETS["vae_tiny"].with_(
+            beta=cfg["beta"], quant_resi=cfg["quant_resi"], share_quant_resi=cfg["share_quant_resi"]
+        )
     )
     assert model.config.patch_nums == tuple(cfg["v_patch_nums"])
     model.load_state_dict(data["state_dict"], strict=True)  # copies the lossless fp16 tensors into fp32
@@ -253,8 +256,16 @@ def test_ema_buffer_of_other_scale_count_is_kept(tiny: tuple[MultiScaleVQVAE, di
 
 # ---- training forward and init ---------------------------------------------------------------------------------
 def _small_config() -> VQVAEConfig:
-    return VQVAEConfig(vocab_size=32, z_channels=4, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
-                       patch_nums=(1, 2, 4), in_channels=1, norm_groups=8)
+    return VQVAEConfig(
+        vocab_size=32,
+        z_channels=4,
+        ch=16,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=1,
+        patch_nums=(1, 2, 4),
+        in_channels=1,
+        norm_groups=8,
+    )
 
 
 def _digits_batch() -> torch.Tensor:
@@ -273,8 +284,13 @@ def test_training_forward_gradients_and_loss_decreases() -> None:
     assert [tuple(i.shape) for i in out.indices] == [(4, 1), (4, 4), (4, 16)]
     assert out.codebook_usage.shape == (3,) and bool((out.codebook_usage > 0).all())
     (F.mse_loss(out.recon, img) + out.vq_loss).backward()
-    for name in ("encoder.conv_in.weight", "decoder.conv_out.weight", "quantize.embedding.weight",
-                 "quantize.quant_resi.qresi_ls.0.weight", "quant_conv.weight"):
+    for name in (
+        "encoder.conv_in.weight",
+        "decoder.conv_out.weight",
+        "quantize.embedding.weight",
+        "quantize.quant_resi.qresi_ls.0.weight",
+        "quant_conv.weight",
+    ):
         grad = model.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
     assert model.quantize.ema_vocab_hit_SV.sum() > 0
@@ -356,7 +372,12 @@ def test_config_validation_names_the_field(changes: dict, field: str) -> None:
 def test_config_sizes() -> None:
     cfg = VQVAE_PRESETS[OFFICIAL]
     assert (cfg.num_scales, cfg.latent_size, cfg.downsample_factor, cfg.image_size, cfg.seq_len) == (
-        10, 16, 16, 256, 680)
+        10,
+        16,
+        16,
+        256,
+        680,
+    )
     assert VQVAEConfig(ch_mult=(1, 2, 2), patch_nums=(1, 2, 4, 8)).image_size == 32
     assert VQVAEConfig(ch=16, norm_groups=16).ch == 16
 

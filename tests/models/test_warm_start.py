@@ -26,8 +26,9 @@ def _model_and_vae() -> tuple[torch.nn.Module, MultiScaleVQVAE]:
     return model, vae.double().eval()
 
 
-def _record_calls(model: torch.nn.Module, warm_start: bool, cfg_scale: float
-                  ) -> dict[int, list[tuple[Tensor, Tensor]]]:
+def _record_calls(
+    model: torch.nn.Module, warm_start: bool, cfg_scale: float
+) -> dict[int, list[tuple[Tensor, Tensor]]]:
     """``{scale: [(z_k, f(z_k)), ...]}`` of one ``generate`` call with a constant 5-iteration Picard schedule."""
     calls: dict[int, list[tuple[Tensor, Tensor]]] = {}
 
@@ -38,8 +39,15 @@ def _record_calls(model: torch.nn.Module, warm_start: bool, cfg_scale: float
     _, vae = _model_and_vae()
     handle = model.trunk.map.register_forward_hook(hook)
     try:
-        generate(model, vae, torch.tensor([0, 3, 7]), schedule="constant:5", cfg_scale=cfg_scale, seed=0,
-                 warm_start=warm_start)
+        generate(
+            model,
+            vae,
+            torch.tensor([0, 3, 7]),
+            schedule="constant:5",
+            cfg_scale=cfg_scale,
+            seed=0,
+            warm_start=warm_start,
+        )
     finally:
         handle.remove()
     return calls

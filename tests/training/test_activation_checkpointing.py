@@ -21,9 +21,16 @@ MNIST = Path(__file__).resolve().parents[2] / "recipes" / "mnist_cpu.yaml"
 
 
 def _model(role: str, checkpointed: bool, tmp_path: Path) -> torch.nn.Module:
-    overrides = [f"logging.out_dir={tmp_path}", "model.drop_path_rate=0.2", "baseline.drop_path_rate=0.2",
-                 "model.embed_dim=32", "model.num_heads=2", "baseline.embed_dim=32", "baseline.num_heads=2",
-                 f"training.activation_checkpointing={str(checkpointed).lower()}"]
+    overrides = [
+        f"logging.out_dir={tmp_path}",
+        "model.drop_path_rate=0.2",
+        "baseline.drop_path_rate=0.2",
+        "model.embed_dim=32",
+        "model.num_heads=2",
+        "baseline.embed_dim=32",
+        "baseline.num_heads=2",
+        f"training.activation_checkpointing={str(checkpointed).lower()}",
+    ]
     cfg = load_config(MNIST, overrides, check_paths=False)
     task = GenerationTask(cfg, DistInfo(), tmp_path, cast(Any, None), cast(Any, None))
     name = "viar" if role == "model" else "var"
@@ -81,8 +88,11 @@ def test_tasks_without_it_refuse_before_writing(tmp_path: Path) -> None:
     from deqgen.training.train import run
 
     out = tmp_path / "run"
-    cfg = load_config(Path(__file__).resolve().parents[2] / "recipes" / "mdeq_digits.yaml",
-                      [f"logging.out_dir={out}", "training.activation_checkpointing=true"], check_paths=False)
+    cfg = load_config(
+        Path(__file__).resolve().parents[2] / "recipes" / "mdeq_digits.yaml",
+        [f"logging.out_dir={out}", "training.activation_checkpointing=true"],
+        check_paths=False,
+    )
     with pytest.raises(ValueError, match="training.activation_checkpointing=true: task 'classification'"):
         run(cfg)
     assert not out.exists()

@@ -46,8 +46,13 @@ def _trained() -> tuple[_Tied, torch.optim.AdamW]:
 
 
 def _draws(gen: torch.Generator) -> tuple[list[float], list[float], float, float, list[int]]:
-    return (torch.rand(3).tolist(), np.random.rand(2).tolist(), random.random(), float(np.random.randn()),
-            torch.randint(0, 100, (3,), generator=gen).tolist())
+    return (
+        torch.rand(3).tolist(),
+        np.random.rand(2).tolist(),
+        random.random(),
+        float(np.random.randn()),
+        torch.randint(0, 100, (3,), generator=gen).tolist(),
+    )
 
 
 def _save_steps(mgr: CheckpointManager, steps: list[int]) -> None:
@@ -60,8 +65,12 @@ def test_round_trip_restores_tensors_optimizer_and_rng(tmp_path: Path) -> None:
     model, opt = _trained()
     gen = torch.Generator().manual_seed(7)
     mgr = CheckpointManager(tmp_path, keep_last=2, config=cfg, check=check_config_compatible)
-    path = mgr.save(12, model.state_dict(), {"optimizer": opt.state_dict(), "epoch": 3, "position": 40},
-                    generators={"sjfb": gen})
+    path = mgr.save(
+        12,
+        model.state_dict(),
+        {"optimizer": opt.state_dict(), "epoch": 3, "position": 40},
+        generators={"sjfb": gen},
+    )
     expected = _draws(gen)
 
     torch.manual_seed(123)
@@ -179,11 +188,20 @@ def test_config_mismatch_lists_the_fields(tmp_path: Path) -> None:
     var = load_config(MNIST, ["model.implicit=null"])
     with pytest.raises(CheckpointConfigMismatch, match="model.implicit: checkpoint VIAR, run VAR"):
         CheckpointManager(tmp_path, config=var, check=check_config_compatible).load("auto")
-    relaxed = load_config(MNIST, ["optim.lr_per_256=1e-3", "training.max_steps=10", "optim.warmup_steps=2", "model.cond_drop_prob=0.2"])
+    relaxed = load_config(
+        MNIST,
+        [
+            "optim.lr_per_256=1e-3",
+            "training.max_steps=10",
+            "optim.warmup_steps=2",
+            "model.cond_drop_prob=0.2",
+        ],
+    )
     assert CheckpointManager(tmp_path, config=relaxed, check=check_config_compatible).load("auto") is not None
 
 
 # ---- two processes over gloo ---------------------------------------------------------------------------------------
+
 
 def _worker(rank: int, store: str, directory: str) -> None:
     import torch.distributed as dist
@@ -211,7 +229,9 @@ def _worker(rank: int, store: str, directory: str) -> None:
         model(torch.randn(3, 8)).sum().backward()
         opt.step()
         full_model, full_optim = gather_full_state(model, opt)
-        gen = torch.Generator().manual_seed(100 + rank)  # a per-rank stream, to check each rank gets its own back
+        gen = torch.Generator().manual_seed(
+            100 + rank
+        )  # a per-rank stream, to check each rank gets its own back
         mgr = CheckpointManager(directory, keep_last=1, dist=info)
         mgr.save(1, full_model, {"optimizer": full_optim}, generators={"g": gen})
         expected = torch.rand(2, generator=gen)

@@ -17,7 +17,13 @@ from deqgen.models.viar.config import PRESETS, TransformerConfig
 from deqgen.cli import main
 from deqgen.training.config import load_config, load_config_text
 from deqgen.training.lr_schedule import peak_lr
-from deqgen.training.schema import ConfigError, TrainConfig, config_reference_markdown, config_to_yaml, parse_override
+from deqgen.training.schema import (
+    ConfigError,
+    TrainConfig,
+    config_reference_markdown,
+    config_to_yaml,
+    parse_override,
+)
 from deqgen.training.tasks.generation.config import (
     GenerationConfig,
     build_gradient,
@@ -33,6 +39,7 @@ IMAGENET = RECIPES / "viar_imagenet.yaml"
 
 # ---- the shipped recipes ------------------------------------------------------------------------------------------
 
+
 def test_imagenet_recipe_is_viar_d30() -> None:
     cfg = load_config(IMAGENET, check_paths=False, world_size=8)
     m = transformer_config(cfg.model)
@@ -43,7 +50,9 @@ def test_imagenet_recipe_is_viar_d30() -> None:
     assert cfg.warmup_steps(2503) == 27_533 and cfg.total_steps(2503) == 1_376_650
     assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.clip_grad_norm == 2.0
     assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.end_ratio) == (0.05, 0.08, 0.01)
-    assert cfg.optim.warmup_start_ratio * peak_lr(cfg.optim.lr_per_256, cfg.training.global_batch_size) == pytest.approx(8e-7)
+    assert cfg.optim.warmup_start_ratio * peak_lr(
+        cfg.optim.lr_per_256, cfg.training.global_batch_size
+    ) == pytest.approx(8e-7)
     assert build_gradient(cfg) == SJFB(no_grad=(0, 10), with_grad=(1, 12))
     assert (cfg.precision.dtype, cfg.distributed.strategy, cfg.attention.backend) == ("bf16", "ddp", "auto")
     assert "scale_mul" in cfg.optim.no_weight_decay and cfg.model.cond_drop_prob == 0.1
@@ -86,8 +95,14 @@ def _field_defaults(section: type) -> dict[str, object]:
     return {name: f.default for name, f in section.model_fields.items()}  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("section_name, library", [
-    ("ModelSection", "TransformerConfig"), ("ImplicitSection", "ImplicitSpec"), ("TokenizerSection", "VQVAEConfig")])
+@pytest.mark.parametrize(
+    "section_name, library",
+    [
+        ("ModelSection", "TransformerConfig"),
+        ("ImplicitSection", "ImplicitSpec"),
+        ("TokenizerSection", "VQVAEConfig"),
+    ],
+)
 def test_schema_defaults_equal_the_library_defaults_by_value(section_name: str, library: str) -> None:
     """Every field of the library dataclass is in the schema with the same default value (list or tuple alike)."""
     from deqgen.models.viar import config as viar_config
@@ -104,8 +119,9 @@ def test_schema_defaults_equal_the_library_defaults_by_value(section_name: str, 
         assert f.name in defaults, f"{section_name} lacks {library}.{f.name}"
         want = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         got = defaults[f.name]
-        assert (list(got) if isinstance(got, tuple) else got) == (list(want) if isinstance(want, tuple) else want), \
-            f"{section_name}.{f.name} defaults to {got!r}, {library} to {want!r}"
+        assert (list(got) if isinstance(got, tuple) else got) == (
+            list(want) if isinstance(want, tuple) else want
+        ), f"{section_name}.{f.name} defaults to {got!r}, {library} to {want!r}"
     # and a section built from defaults builds the library's default object
     if section_name == "TokenizerSection":
         assert tokenizer_config(section()) == vqvae.VQVAEConfig()
@@ -123,6 +139,7 @@ def test_nested_sections_reject_unknown_keys() -> None:
 
 # ---- overrides, presets, round trip ---------------------------------------------------------------------------------
 
+
 def test_override_values_are_yaml() -> None:
     assert parse_override("optim.lr_per_256=1e-4") == (("optim", "lr_per_256"), 1e-4)
     assert parse_override("model.patch_nums=[1, 2]") == (("model", "patch_nums"), [1, 2])
@@ -132,9 +149,19 @@ def test_override_values_are_yaml() -> None:
 
 
 def test_overrides_apply_in_order() -> None:
-    cfg = load_config(MNIST, ["optim.lr_per_256=1e-4", "optim.clip_grad_norm=null", "training.max_steps=7",
-                              "training.max_steps=9", "optim.warmup_steps=3", "logging.tensorboard=true", "solver.eval.name=anderson",
-                              "solver.eval.options.m=3"])
+    cfg = load_config(
+        MNIST,
+        [
+            "optim.lr_per_256=1e-4",
+            "optim.clip_grad_norm=null",
+            "training.max_steps=7",
+            "training.max_steps=9",
+            "optim.warmup_steps=3",
+            "logging.tensorboard=true",
+            "solver.eval.name=anderson",
+            "solver.eval.options.m=3",
+        ],
+    )
     assert cfg.optim.lr_per_256 == 1e-4 and cfg.optim.clip_grad_norm is None
     assert cfg.training.max_steps == 9 and cfg.logging.tensorboard is True
     train, ev = build_solvers(cfg)
@@ -154,7 +181,10 @@ def test_preset_fills_only_missing_fields() -> None:
     assert m.drop_path_rate == pytest.approx(0.1 * 16 / 24)
     m = transformer_config(load_config(IMAGENET, ["model.implicit.pre_depth=3"], check_paths=False).model)
     assert (m.implicit.pre_depth, m.implicit.post_depth) == (3, 5)  # type: ignore[union-attr]
-    assert transformer_config(load_config(IMAGENET, ["model.preset=var_d30"], check_paths=False).model) == PRESETS["var_d30"]
+    assert (
+        transformer_config(load_config(IMAGENET, ["model.preset=var_d30"], check_paths=False).model)
+        == PRESETS["var_d30"]
+    )
 
 
 @pytest.mark.parametrize("path", [MNIST, IMAGENET])
@@ -179,8 +209,14 @@ def test_world_size_checks_divisibility() -> None:
 
 def test_reference_markdown_lists_every_field() -> None:
     md = config_reference_markdown(GenerationConfig)
-    for path in ("optim.lr_per_256", "model.implicit.pre_depth", "tokenizer.train.steps", "checkpoint.resume",
-                 "precision.dtype", "sampling.schedule"):
+    for path in (
+        "optim.lr_per_256",
+        "model.implicit.pre_depth",
+        "tokenizer.train.steps",
+        "checkpoint.resume",
+        "precision.dtype",
+        "sampling.schedule",
+    ):
         assert f"| `{path}` |" in md
     rows = md.strip().splitlines()
     assert all(r.replace("\\|", "").count("|") == 5 for r in rows)
@@ -191,28 +227,77 @@ def test_reference_markdown_lists_every_field() -> None:
 
 # (name, overrides, YAML edits (section -> replacement mapping) or None, substrings the message must contain)
 BAD: list[tuple[str, list[str], dict[str, Any] | None, list[str]]] = [
-    ("unknown top-level key", [], {"modle": {"depth": 3}}, ["modle: unknown key", "valid keys here: task,", " model,"]),
+    (
+        "unknown top-level key",
+        [],
+        {"modle": {"depth": 3}},
+        ["modle: unknown key", "valid keys here: task,", " model,"],
+    ),
     ("unknown nested key", [], {"optim": {"lr": 1e-3}}, ["optim.lr: unknown key", "lr_per_256"]),
     ("wrong type", ["training.max_steps=many"], None, ["training.max_steps", "'many'", "expected int"]),
     ("negative lr", ["optim.lr_per_256=-1e-4"], None, ["optim.lr_per_256", "-0.0001", "greater than 0"]),
-    ("schedule longer than the pyramid", ["sampling.schedule=list:4,4,3,3,2"], None,
-     ["sampling.schedule", "5 counts", "4 scales"]),
-    ("S-JFB lo > hi", ["model.implicit.train_with_grad=[4,2]"], None,
-     ["model.implicit", "train_with_grad=(4, 2)", "lo <= hi"]),
-    ("bad precision literal", ["precision.dtype=fp64"], None,
-     ["precision.dtype", "'fp64'", "'fp32', 'bf16' or 'fp16'"]),
-    ("batch not divisible", ["training.global_batch_size=48"], None,
-     ["training.global_batch_size", "48", "multiple of 32"]),
-    ("vocab mismatch", ["tokenizer.vocab_size=128"], None, ["model.vocab_size", "tokenizer.vocab_size = 128"]),
+    (
+        "schedule longer than the pyramid",
+        ["sampling.schedule=list:4,4,3,3,2"],
+        None,
+        ["sampling.schedule", "5 counts", "4 scales"],
+    ),
+    (
+        "S-JFB lo > hi",
+        ["model.implicit.train_with_grad=[4,2]"],
+        None,
+        ["model.implicit", "train_with_grad=(4, 2)", "lo <= hi"],
+    ),
+    (
+        "bad precision literal",
+        ["precision.dtype=fp64"],
+        None,
+        ["precision.dtype", "'fp64'", "'fp32', 'bf16' or 'fp16'"],
+    ),
+    (
+        "batch not divisible",
+        ["training.global_batch_size=48"],
+        None,
+        ["training.global_batch_size", "48", "multiple of 32"],
+    ),
+    (
+        "vocab mismatch",
+        ["tokenizer.vocab_size=128"],
+        None,
+        ["model.vocab_size", "tokenizer.vocab_size = 128"],
+    ),
     ("unknown model preset", ["model.preset=viar_d99"], None, ["model.preset", "'viar_d99'", "viar_d30"]),
-    ("bad override syntax", ["optim.lr_per_256"], None, ["bad override 'optim.lr_per_256'", "dotted.key=value"]),
-    ("override of an unknown key", ["optim.learning_rate=1"], None,
-     ["'optim.learning_rate'", "valid keys at optim:", "lr_per_256"]),
-    ("latent side mismatch", ["data.image_size=32"], None, ["data.image_size", "tokenizer.patch_nums[-1] = 4"]),
-    ("fp16 on CPU", ["precision.dtype=fp16"], None, ["precision.dtype", "fp16 is not supported on device 'cpu'"]),
+    (
+        "bad override syntax",
+        ["optim.lr_per_256"],
+        None,
+        ["bad override 'optim.lr_per_256'", "dotted.key=value"],
+    ),
+    (
+        "override of an unknown key",
+        ["optim.learning_rate=1"],
+        None,
+        ["'optim.learning_rate'", "valid keys at optim:", "lr_per_256"],
+    ),
+    (
+        "latent side mismatch",
+        ["data.image_size=32"],
+        None,
+        ["data.image_size", "tokenizer.patch_nums[-1] = 4"],
+    ),
+    (
+        "fp16 on CPU",
+        ["precision.dtype=fp16"],
+        None,
+        ["precision.dtype", "fp16 is not supported on device 'cpu'"],
+    ),
     ("epochs and max_steps", ["training.epochs=3"], None, ["training.epochs", "exactly one"]),
-    ("unknown gradient option", ["gradient.method=jfb", "gradient.options.kk=1"], None,
-     ["gradient.options", "'kk'", "valid options"]),
+    (
+        "unknown gradient option",
+        ["gradient.method=jfb", "gradient.options.kk=1"],
+        None,
+        ["gradient.options", "'kk'", "valid options"],
+    ),
     ("digits with 1000 classes", ["model.num_classes=1000"], None, ["model.num_classes", "10 classes"]),
 ]
 
@@ -247,8 +332,13 @@ def test_bad_config_fails_loudly(
 
 @pytest.mark.parametrize(("name", "overrides", "edits", "expected"), BAD, ids=[b[0] for b in BAD])
 def test_bad_config_cli_exits_2_and_writes_nothing(
-    name: str, overrides: list[str], edits: dict[str, Any] | None, expected: list[str], tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    name: str,
+    overrides: list[str],
+    edits: dict[str, Any] | None,
+    expected: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     path = _write_variant(tmp_path, edits)
     work = tmp_path / "work"
@@ -283,6 +373,7 @@ def test_unknown_tokenizer_preset_lists_presets() -> None:
 
 # ---- CLI dispatch ------------------------------------------------------------------------------------------------
 
+
 def test_cli_dispatches_a_valid_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     seen: dict[str, Any] = {}
 
@@ -291,8 +382,20 @@ def test_cli_dispatches_a_valid_config(monkeypatch: pytest.MonkeyPatch, tmp_path
         return 0
 
     monkeypatch.setitem(sys.modules, "deqgen.training.train", types.SimpleNamespace(main=fake_main))
-    rc = main(["train", str(MNIST), "--set", "training.max_steps=5", "--set", "optim.warmup_steps=1", "--resume", "none",
-               "--set", f"logging.out_dir={tmp_path / 'run'}"])
+    rc = main(
+        [
+            "train",
+            str(MNIST),
+            "--set",
+            "training.max_steps=5",
+            "--set",
+            "optim.warmup_steps=1",
+            "--resume",
+            "none",
+            "--set",
+            f"logging.out_dir={tmp_path / 'run'}",
+        ]
+    )
     assert rc == 0
     assert seen["cfg"].training.max_steps == 5 and seen["cfg"].checkpoint.resume == "none"
     assert seen["overwrite"] is False
@@ -308,8 +411,9 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["frobnicate"]) == 2
 
 
-def test_cli_resume_path_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_resume_path_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     seen: dict[str, Any] = {}
     fake = types.SimpleNamespace(main=lambda c, **kw: seen.update(c=c))
     monkeypatch.setitem(sys.modules, "deqgen.training.train", fake)

@@ -95,14 +95,21 @@ def test_sampler_wraps_around_without_drop_last() -> None:
 
 
 def test_all_reduce_mean_single_process() -> None:
-    assert all_reduce_mean({"loss": torch.tensor(2.5).item(), "acc": 1}, DistInfo()) == {"loss": 2.5, "acc": 1.0}
+    assert all_reduce_mean({"loss": torch.tensor(2.5).item(), "acc": 1}, DistInfo()) == {
+        "loss": 2.5,
+        "acc": 1.0,
+    }
 
 
 # ---- metric sinks -------------------------------------------------------------------------------------------------
 
+
 def test_jsonl_and_stdout_sinks(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = SimpleNamespace(jsonl=True, tensorboard=False, out_dir=tmp_path / "run")
-    with caplog.at_level(logging.INFO, logger="deqgen.training.metrics"), make_metric_logger(cfg, DistInfo()) as log:
+    with (
+        caplog.at_level(logging.INFO, logger="deqgen.training.metrics"),
+        make_metric_logger(cfg, DistInfo()) as log,
+    ):
         log.log(10, {"loss": torch.tensor(1.5), "lr": 1e-4, "nan": float("nan")})
         lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()  # flushed before close
         log.log(20, {"loss": 1.25})

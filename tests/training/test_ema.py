@@ -52,14 +52,17 @@ def test_update_is_the_moving_average_and_state_round_trips() -> None:
 
 def test_ema_with_fsdp2_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"training\.ema_decay: got 0\.99; an EMA of FSDP2"):
-        load_config(MNIST, [f"logging.out_dir={tmp_path}", "training.ema_decay=0.99",
-                            "distributed.strategy=fsdp2"], check_paths=False)
+        load_config(
+            MNIST,
+            [f"logging.out_dir={tmp_path}", "training.ema_decay=0.99", "distributed.strategy=fsdp2"],
+            check_paths=False,
+        )
 
 
 def _ema_args(out: Path, tokenizer: Path, *extra: str) -> list[str]:
-    return _tiny(out, tokenizer, "training.max_steps=8", "checkpoint.every_n_steps=4",
-                 "training.ema_decay=0.5",
-                 *extra)
+    return _tiny(
+        out, tokenizer, "training.max_steps=8", "checkpoint.every_n_steps=4", "training.ema_decay=0.5", *extra
+    )
 
 
 def _saved_ema(ckpt: Path) -> dict[str, torch.Tensor]:

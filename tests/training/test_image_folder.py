@@ -158,5 +158,7 @@ training: {{global_batch_size: 4, micro_batch_size: 2, max_steps: 2}}
     assert len(PretokenizedDataset(out, vae)) == 8
     assert main(["pretokenize", str(recipe), "--out", str(out)]) == 2  # exists: refused, nothing touched
     assert "exists" in capsys.readouterr().err
-    assert main(["pretokenize", str(recipe), "--out", str(tmp_path / "t2"), "--set", "data.image_size=60"]) == 2
+    assert (
+        main(["pretokenize", str(recipe), "--out", str(tmp_path / "t2"), "--set", "data.image_size=60"]) == 2
+    )
     assert not (tmp_path / "t2").exists()

@@ -79,8 +79,12 @@ def test_schedule_objects_validate() -> None:
 
 def test_build_schedules_from_the_imagenet_recipe() -> None:
     cfg = load_config(RECIPES / "viar_imagenet.yaml", check_paths=False)
-    lr, wd = build_schedules(cfg.optim, cfg.training.global_batch_size, cfg.total_steps(IT_PER_EPOCH),
-                             cfg.warmup_steps(IT_PER_EPOCH))
+    lr, wd = build_schedules(
+        cfg.optim,
+        cfg.training.global_batch_size,
+        cfg.total_steps(IT_PER_EPOCH),
+        cfg.warmup_steps(IT_PER_EPOCH),
+    )
     assert lr == LRSchedule(PEAK, TOTAL, WARMUP, "lin0", 0.005, 0.01, 0.05)
     assert wd == WDSchedule(0.05, 0.08, TOTAL)
     assert lr(1000) == pytest.approx(6.58e-6, rel=0.01) and wd(700_000) == pytest.approx(0.0654, rel=0.01)

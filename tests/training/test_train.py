@@ -37,24 +37,42 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     vae = MultiScaleVQVAE(tokenizer_config(cfg.tokenizer))
     g = torch.Generator().manual_seed(0)
     vae.init_weights(g)
-    train_tokenizer(vae, load_digits("mnist5k", side=16).images[:256], steps=2, lr=2e-3, batch_size=32, generator=g)
+    train_tokenizer(
+        vae, load_digits("mnist5k", side=16).images[:256], steps=2, lr=2e-3, batch_size=32, generator=g
+    )
     return save_converted(tmp_path_factory.mktemp("tok") / "tokenizer", vae.state_dict(), "vqvae", vae.config)
 
 
 def _tiny(out: Path, tokenizer: Path, *extra: str) -> list[str]:
     """Overrides: a 32-wide VIAR on half of the digits, global batch 16 in micro-batches of 8, no baseline."""
     return [
-        f"logging.out_dir={out}", f"tokenizer.checkpoint={tokenizer}", "tokenizer.train=null", "baseline=null",
-        "model.embed_dim=32", "model.num_heads=2", "data.val_fraction=0.5", "training.global_batch_size=16",
-        "training.micro_batch_size=8", "optim.warmup_steps=2", "logging.log_every_n_steps=1",
-        "logging.progress_bar=false", "sampling.samples_per_class=1", *extra,
+        f"logging.out_dir={out}",
+        f"tokenizer.checkpoint={tokenizer}",
+        "tokenizer.train=null",
+        "baseline=null",
+        "model.embed_dim=32",
+        "model.num_heads=2",
+        "data.val_fraction=0.5",
+        "training.global_batch_size=16",
+        "training.micro_batch_size=8",
+        "optim.warmup_steps=2",
+        "logging.log_every_n_steps=1",
+        "logging.progress_bar=false",
+        "sampling.samples_per_class=1",
+        *extra,
     ]
 
 
 def _cli(args: list[str], *, torchrun: int = 0) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-    return [*(launcher if torchrun else [sys.executable]), "-m", "deqgen", "train", str(MNIST),
-            *[a for o in args for a in ("--set", o)]]
+    return [
+        *(launcher if torchrun else [sys.executable]),
+        "-m",
+        "deqgen",
+        "train",
+        str(MNIST),
+        *[a for o in args for a in ("--set", o)],
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -74,15 +92,34 @@ def _weights(export: Path) -> dict[str, torch.Tensor]:
 
 def test_tiny_run_lowers_the_loss_and_writes_everything(tokenizer_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cfg = load_config(MNIST, _tiny(out, tokenizer_dir, "training.max_steps=24", "optim.lr_per_256=4e-2",
-                                   "checkpoint.every_n_steps=12", "evaluation.every_n_steps=12"), device="cpu")
+    cfg = load_config(
+        MNIST,
+        _tiny(
+            out,
+            tokenizer_dir,
+            "training.max_steps=24",
+            "optim.lr_per_256=4e-2",
+            "checkpoint.every_n_steps=12",
+            "evaluation.every_n_steps=12",
+        ),
+        device="cpu",
+    )
     (result,) = run(cfg)
     losses = [loss for _, loss in _losses(out)]
     assert len(losses) == 24 and result.steps == 24 and result.role.name == "viar"
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses  # from ~ln(64) = 4.16
-    for name in ("grid.png", "loss.png", "metrics.json", "config.yaml", "viar/model.safetensors",
-                 "checkpoints/model/ckpt_00000012/MANIFEST.json", "checkpoints/model/ckpt_00000024/MANIFEST.json",
-                 "samples/model_step00000012.png", "samples/model_step00000024.png", "model_metrics.jsonl"):
+    for name in (
+        "grid.png",
+        "loss.png",
+        "metrics.json",
+        "config.yaml",
+        "viar/model.safetensors",
+        "checkpoints/model/ckpt_00000012/MANIFEST.json",
+        "checkpoints/model/ckpt_00000024/MANIFEST.json",
+        "samples/model_step00000012.png",
+        "samples/model_step00000024.png",
+        "model_metrics.jsonl",
+    ):
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["viar"]["parameters"] == result.parameters and summary["viar"]["kv_cache_bytes"] > 0
@@ -95,18 +132,29 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tokenizer_dir: P
     """DDP and FSDP2 over 2 gloo ranks (1 micro-batch each) vs 1 process (2 accumulated micro-batches)."""
     # label dropout and drop-path come from per-rank streams, so they are off; S-JFB's k1, k2 stay random
     # (drawn once per optimizer step from the shared stream)
-    common = ("training.max_steps=2", "optim.warmup_steps=1", "model.cond_drop_prob=0", "model.drop_path_rate=0",
-              "checkpoint.every_n_steps=null")
+    common = (
+        "training.max_steps=2",
+        "optim.warmup_steps=1",
+        "model.cond_drop_prob=0",
+        "model.drop_path_rate=0",
+        "checkpoint.every_n_steps=null",
+    )
     one = tmp_path / "one"
-    r1 = subprocess.run(_cli(_tiny(one, tokenizer_dir, *common)), env=_env(), capture_output=True, text=True,
-                        timeout=300)
+    r1 = subprocess.run(
+        _cli(_tiny(one, tokenizer_dir, *common)), env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert r1.returncode == 0, r1.stderr[-3000:]
     w1, l1 = _weights(one / "viar"), _losses(one)
     assert [s for s, _ in l1] == [1, 2]
     for strategy in ("ddp", "fsdp2"):
         two = tmp_path / strategy
-        r2 = subprocess.run(_cli(_tiny(two, tokenizer_dir, *common, f"distributed.strategy={strategy}"), torchrun=2),
-                            env=_env(), capture_output=True, text=True, timeout=300)
+        r2 = subprocess.run(
+            _cli(_tiny(two, tokenizer_dir, *common, f"distributed.strategy={strategy}"), torchrun=2),
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r2.returncode == 0, r2.stderr[-3000:]
         w2, l2 = _weights(two / "viar"), _losses(two)
         assert w1.keys() == w2.keys()
@@ -118,22 +166,29 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tokenizer_dir: P
 @pytest.fixture(scope="module")
 def uninterrupted(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("full") / "run"
-    r = subprocess.run(_cli(_resume_args(out, tokenizer_dir)), env=_env(), capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        _cli(_resume_args(out, tokenizer_dir)), env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
 
 def _resume_args(out: Path, tokenizer: Path) -> list[str]:
-    return _tiny(out, tokenizer, "training.max_steps=40", "checkpoint.every_n_steps=4", "checkpoint.keep_last=3")
+    return _tiny(
+        out, tokenizer, "training.max_steps=40", "checkpoint.every_n_steps=4", "checkpoint.keep_last=3"
+    )
 
 
 def test_kill_9_then_resume_gives_the_uninterrupted_loss_sequence(
     tokenizer_dir: Path, uninterrupted: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cli(_resume_args(out, tokenizer_dir)), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(_resume_args(out, tokenizer_dir)),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     marker = out / "checkpoints" / "model" / "ckpt_00000008" / "MANIFEST.json"
     deadline = time.monotonic() + 240
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -142,8 +197,13 @@ def test_kill_9_then_resume_gives_the_uninterrupted_loss_sequence(
     assert proc.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = max(s for s, _ in _losses(out))
     assert 8 <= killed_at < 40
-    r = subprocess.run(_cli([*_resume_args(out, tokenizer_dir), "checkpoint.resume=auto"]), env=_env(),
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _cli([*_resume_args(out, tokenizer_dir), "checkpoint.resume=auto"]),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stderr
     assert _losses(out) == _losses(uninterrupted)  # every step 1..40, bitwise
@@ -165,14 +225,24 @@ def test_damaged_newest_checkpoint_falls_back_or_is_refused(
 
     # named explicitly: a clear error naming the file, exit 2, nothing written
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    r = subprocess.run(_cli([*_resume_args(out, tokenizer_dir), f"checkpoint.resume={newest}"]), env=_env(),
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _cli([*_resume_args(out, tokenizer_dir), f"checkpoint.resume={newest}"]),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "model.safetensors" in r.stderr and "truncated" in r.stderr, r.stderr[-2000:]
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
     # auto: skip the damaged one, resume from step 36, end with the uninterrupted run's weights
-    r = subprocess.run(_cli([*_resume_args(out, tokenizer_dir), "checkpoint.resume=auto"]), env=_env(),
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _cli([*_resume_args(out, tokenizer_dir), "checkpoint.resume=auto"]),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "skipping damaged checkpoint" in r.stderr and "ckpt_00000036" in r.stderr
     full, resumed = _weights(uninterrupted / "viar"), _weights(out / "viar")
@@ -183,11 +253,23 @@ def test_warmup_longer_than_the_run_is_refused(tokenizer_dir: Path, tmp_path: Pa
     from deqgen.training.schema import ConfigError
 
     with pytest.raises(ConfigError, match=r"optim\.warmup_steps"):
-        load_config(MNIST, _tiny(tmp_path / "run", tokenizer_dir, "training.max_steps=2", "optim.warmup_steps=5"))
+        load_config(
+            MNIST, _tiny(tmp_path / "run", tokenizer_dir, "training.max_steps=2", "optim.warmup_steps=5")
+        )
     # given in epochs, it is compared with training.epochs when the recipe is read, before anything is written
     with pytest.raises(ConfigError, match=r"optim\.warmup_epochs"):
-        load_config(MNIST, _tiny(tmp_path / "run", tokenizer_dir, "training.max_steps=null", "training.epochs=1",
-                                 "optim.warmup_steps=null", "optim.warmup_epochs=2"), device="cpu")
+        load_config(
+            MNIST,
+            _tiny(
+                tmp_path / "run",
+                tokenizer_dir,
+                "training.max_steps=null",
+                "training.epochs=1",
+                "optim.warmup_steps=null",
+                "optim.warmup_epochs=2",
+            ),
+            device="cpu",
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -195,8 +277,16 @@ def test_bf16_autocast_trains_viar_and_var(tokenizer_dir: Path, tmp_path: Path) 
     """The ImageNet recipe's precision (bf16 autocast) on CPU: the L2-normalised attention keeps q, k, v in
     one dtype, and both models take finite steps."""
     out = tmp_path / "run"
-    cfg = load_config(MNIST, [*_tiny(out, tokenizer_dir, "training.max_steps=2", "optim.warmup_steps=1",
-                                     "precision.dtype=bf16"), "baseline=null"], device="cpu")
+    cfg = load_config(
+        MNIST,
+        [
+            *_tiny(
+                out, tokenizer_dir, "training.max_steps=2", "optim.warmup_steps=1", "precision.dtype=bf16"
+            ),
+            "baseline=null",
+        ],
+        device="cpu",
+    )
     (result,) = run(cfg)
     losses = [loss for _, loss in _losses(out)]
     assert result.steps == 2 and len(losses) == 2 and all(math.isfinite(v) for v in losses)

@@ -44,11 +44,22 @@ def _recompute(cfg: object, out: Path, step: int) -> tuple[float, float]:
 def test_val_rows_once_per_epoch_equal_a_recomputation(tokenizer_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     # 898 training / 899 held-out sklearn digits, 7 steps of 128 per epoch, 2 epochs
-    cfg = load_config(MNIST, _tiny(out, tokenizer_dir, "data.source=sklearn",
-                                   "training.global_batch_size=128", "training.micro_batch_size=64",
-                                   "training.max_steps=null", "training.epochs=2",
-                                   "optim.warmup_steps=null", "optim.warmup_epochs=0.5",
-                                   "checkpoint.every_n_epochs=1"), device="cpu")
+    cfg = load_config(
+        MNIST,
+        _tiny(
+            out,
+            tokenizer_dir,
+            "data.source=sklearn",
+            "training.global_batch_size=128",
+            "training.micro_batch_size=64",
+            "training.max_steps=null",
+            "training.epochs=2",
+            "optim.warmup_steps=null",
+            "optim.warmup_epochs=0.5",
+            "checkpoint.every_n_epochs=1",
+        ),
+        device="cpu",
+    )
     run(cfg)
     rows = [json.loads(line) for line in (out / "model_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 15))  # each step once, val rows included
@@ -64,9 +75,17 @@ def test_val_rows_once_per_epoch_equal_a_recomputation(tokenizer_dir: Path, tmp_
 def test_batch_larger_than_the_data_is_refused_before_anything_is_written(tmp_path: Path) -> None:
     """The digits' training split has 898 items: refused before the tokenizer would be trained and saved."""
     out = tmp_path / "run"
-    cfg = load_config(MNIST, [f"logging.out_dir={out}", "data.source=sklearn", "data.val_fraction=0.5",
-                              "training.global_batch_size=1024", "training.micro_batch_size=512"],
-                      device="cpu")
+    cfg = load_config(
+        MNIST,
+        [
+            f"logging.out_dir={out}",
+            "data.source=sklearn",
+            "data.val_fraction=0.5",
+            "training.global_batch_size=1024",
+            "training.micro_batch_size=512",
+        ],
+        device="cpu",
+    )
     assert cfg.tokenizer.checkpoint is None and cfg.tokenizer.train is not None
     with pytest.raises(ValueError, match=r"training\.global_batch_size=1024 .*898 training samples"):
         run(cfg)

@@ -18,8 +18,12 @@ def test_offline_run_records_the_metrics(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_env"))
-    cfg = SimpleNamespace(jsonl=True, tensorboard=False, out_dir=tmp_path / "run",
-                          wandb=SimpleNamespace(project="deqgen-test", mode="offline"))
+    cfg = SimpleNamespace(
+        jsonl=True,
+        tensorboard=False,
+        out_dir=tmp_path / "run",
+        wandb=SimpleNamespace(project="deqgen-test", mode="offline"),
+    )
     with make_metric_logger(cfg, DistInfo(), prefix="model_", run_config={"seed": 7}) as log:
         assert any(isinstance(s, WandbSink) for s in log.sinks)
         log.log(1, {"loss": 2.5, "note": "skipped"})
@@ -32,7 +36,11 @@ def test_offline_run_records_the_metrics(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_other_ranks_start_no_run(tmp_path: Path) -> None:
-    cfg = SimpleNamespace(jsonl=True, tensorboard=False, out_dir=tmp_path / "run",
-                          wandb=SimpleNamespace(project="p", mode="offline"))
+    cfg = SimpleNamespace(
+        jsonl=True,
+        tensorboard=False,
+        out_dir=tmp_path / "run",
+        wandb=SimpleNamespace(project="p", mode="offline"),
+    )
     assert make_metric_logger(cfg, DistInfo(rank=1, world_size=2)).sinks == ()
     assert not (tmp_path / "run").exists()

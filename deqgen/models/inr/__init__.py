@@ -15,4 +15,13 @@ from deqgen.models.inr.model import (
     pixel_grid,
 )
 
-__all__ = ["DEQINR", "PRESETS", "ExplicitMLP", "FourierFeatures", "INRCell", "INRConfig", "build_inr", "pixel_grid"]
+__all__ = [
+    "DEQINR",
+    "PRESETS",
+    "ExplicitMLP",
+    "FourierFeatures",
+    "INRCell",
+    "INRConfig",
+    "build_inr",
+    "pixel_grid",
+]

@@ -21,7 +21,16 @@ from deqgen.layer import ImplicitLayer, States
 from deqgen.nn.normalization import weight_norm
 from deqgen.solvers.base import Solver
 
-__all__ = ["DEQINR", "PRESETS", "ExplicitMLP", "FourierFeatures", "INRCell", "INRConfig", "build_inr", "pixel_grid"]
+__all__ = [
+    "DEQINR",
+    "PRESETS",
+    "ExplicitMLP",
+    "FourierFeatures",
+    "INRCell",
+    "INRConfig",
+    "build_inr",
+    "pixel_grid",
+]
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,9 @@ class INRConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"INRConfig.{name}={getattr(self, name)}: use an integer >= 1")
         if self.fourier_scale <= 0 or self.init_scale <= 0:
-            raise ValueError(f"INRConfig: fourier_scale={self.fourier_scale} and init_scale={self.init_scale} "
-                             "must be > 0")
+            raise ValueError(
+                f"INRConfig: fourier_scale={self.fourier_scale} and init_scale={self.init_scale} must be > 0"
+            )
         if self.activation not in ("tanh", "relu"):
             raise ValueError(f"INRConfig.activation={self.activation!r}: use 'tanh' or 'relu'")
 
@@ -128,7 +138,9 @@ class DEQINR(nn.Module):
         ((24, 3), True)
     """
 
-    def __init__(self, config: INRConfig, layer: ImplicitLayer, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, config: INRConfig, layer: ImplicitLayer, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
         if not isinstance(layer.f, INRCell):
             raise TypeError(f"DEQINR needs an ImplicitLayer over an INRCell, got {type(layer.f).__name__}")
@@ -211,6 +223,13 @@ def build_inr(
         if not implicit:
             return ExplicitMLP(config, freq_gen)
         cell = INRCell(config.hidden, config.init_scale, config.activation)
-        layer = ImplicitLayer(cell, gradient, train_solver, eval_solver if eval_solver is not None else train_solver,
-                              separable=True, jacobian=jacobian, states=states)
+        layer = ImplicitLayer(
+            cell,
+            gradient,
+            train_solver,
+            eval_solver if eval_solver is not None else train_solver,
+            separable=True,
+            jacobian=jacobian,
+            states=states,
+        )
         return DEQINR(config, layer, freq_gen)

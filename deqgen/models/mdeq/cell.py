@@ -135,5 +135,7 @@ class MDEQCell(nn.Module):
 
     def forward(self, z: MultiScale, x_BCHW: Tensor, k: int = 0) -> MultiScale:
         """``z``: the multiscale state; returns the next one (same shapes)."""
-        ys = tuple(block(z_i, x_BCHW if i == 0 else None) for i, (block, z_i) in enumerate(zip(self.blocks, z)))
+        ys = tuple(
+            block(z_i, x_BCHW if i == 0 else None) for i, (block, z_i) in enumerate(zip(self.blocks, z))
+        )
         return self.fusion(ys)

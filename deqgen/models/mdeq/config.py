@@ -49,7 +49,9 @@ class MDEQConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MDEQConfig.dropout={self.dropout}: use 0 <= dropout < 1")
         if self.image_size < 2 ** len(self.channels):
-            raise ValueError(f"MDEQConfig.image_size={self.image_size} is too small for {len(self.channels)} branches")
+            raise ValueError(
+                f"MDEQConfig.image_size={self.image_size} is too small for {len(self.channels)} branches"
+            )
 
     @property
     def sides(self) -> tuple[int, ...]:

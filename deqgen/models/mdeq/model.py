@@ -80,7 +80,9 @@ class MDEQClassifier(nn.Module):
     def __init__(self, config: MDEQConfig, layer: ImplicitLayer) -> None:
         super().__init__()
         if not isinstance(layer.f, MDEQCell):
-            raise TypeError(f"MDEQClassifier needs an ImplicitLayer over an MDEQCell, got {type(layer.f).__name__}")
+            raise TypeError(
+                f"MDEQClassifier needs an ImplicitLayer over an MDEQCell, got {type(layer.f).__name__}"
+            )
         self.config = config
         self.stem = _Stem(config)
         self.layer = layer
@@ -91,7 +93,9 @@ class MDEQClassifier(nn.Module):
         """The DEQ map."""
         return self.layer.f  # type: ignore[return-value]
 
-    def forward(self, images_BCHW: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, GradInfo]:
+    def forward(
+        self, images_BCHW: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, GradInfo]:
         """``images: (B, in_channels, H, W)`` -> ``(logits (B, num_classes), info)``; ``info.states`` holds the
         trajectory states when the layer was built with ``states=`` (apply :meth:`head` to each)."""
         x_BCHW = self.stem(images_BCHW)  # (B, C_0, S_0, S_0)
@@ -159,7 +163,12 @@ def build_classifier(
         if not implicit:
             return ExplicitCNN(config)
         layer = ImplicitLayer(
-            MDEQCell(config), gradient, train_solver, eval_solver if eval_solver is not None else train_solver,
-            separable=separable, jacobian=jacobian, states=states,
+            MDEQCell(config),
+            gradient,
+            train_solver,
+            eval_solver if eval_solver is not None else train_solver,
+            separable=separable,
+            jacobian=jacobian,
+            states=states,
         )
         return MDEQClassifier(config, layer)

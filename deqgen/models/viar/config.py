@@ -66,7 +66,9 @@ class ImplicitSpec:
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, tuple(value))
         if self.pre_depth < 0 or self.post_depth < 0:
-            raise ValueError(f"pre_depth and post_depth must be >= 0, got {self.pre_depth}, {self.post_depth}")
+            raise ValueError(
+                f"pre_depth and post_depth must be >= 0, got {self.pre_depth}, {self.post_depth}"
+            )
         _check_range("train_no_grad", tuple(self.train_no_grad), 0)
         _check_range("train_with_grad", tuple(self.train_with_grad), 1)
         if self.eval_iterations < 1:
@@ -124,7 +126,9 @@ class TransformerConfig:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
         object.__setattr__(self, "patch_nums", tuple(int(p) for p in self.patch_nums))
         if not self.patch_nums or any(p < 1 for p in self.patch_nums):
-            raise ValueError(f"patch_nums must be a non-empty tuple of positive ints, got {self.patch_nums!r}")
+            raise ValueError(
+                f"patch_nums must be a non-empty tuple of positive ints, got {self.patch_nums!r}"
+            )
         if any(b <= a for a, b in zip(self.patch_nums, self.patch_nums[1:])):
             raise ValueError(f"patch_nums must increase strictly (coarse to fine), got {self.patch_nums!r}")
         if self.embed_dim is None:
@@ -212,8 +216,9 @@ def _viar(depth: int, **kw: object) -> TransformerConfig:
     return TransformerConfig(depth=depth, implicit=ImplicitSpec(pre_depth=5, post_depth=5), **kw)  # type: ignore[arg-type]
 
 
-_TINY = dict(depth=4, embed_dim=64, num_heads=2, patch_nums=(1, 2, 3, 4), vocab_size=64, z_channels=8,
-             num_classes=10)
+_TINY = dict(
+    depth=4, embed_dim=64, num_heads=2, patch_nums=(1, 2, 3, 4), vocab_size=64, z_channels=8, num_classes=10
+)
 
 #: Named configurations. ``var_d*`` / ``viar_d*`` are the official 256-px models (VIAR with pre = post = 5);
 #: ``*_tiny`` are for tests (matching the tiny VQVAE fixture: V 64, z 8, patch_nums (1, 2, 3, 4)).

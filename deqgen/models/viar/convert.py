@@ -122,7 +122,7 @@ def read_official(path: str | os.PathLike[str], *, allow_args: bool = False) -> 
             "maps parameter names to tensors)"
         )
     if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -156,9 +156,13 @@ def _torch_load(p: Path, allow_args: bool) -> Any:
                 return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
         return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # UnpicklingError for arbitrary objects, RuntimeError for a torn zip
-        hint = "" if allow_args else (
-            "; an official training checkpoint (ar-ckpt-*.pth) that pickles its args object loads with "
-            "allow_args=True (`deqgen convert --slim`)"
+        hint = (
+            ""
+            if allow_args
+            else (
+                "; an official training checkpoint (ar-ckpt-*.pth) that pickles its args object loads with "
+                "allow_args=True (`deqgen convert --slim`)"
+            )
         )
         raise CheckpointError(
             f"{p}: cannot be read with torch.load(weights_only=True) "
@@ -275,16 +279,24 @@ def infer_transformer_config(
             )
         patch_nums = PATCH_NUMS_256
     if sum(p * p for p in patch_nums) != L or len(patch_nums) != num_scales:
-        raise CheckpointError(f"{src}: patch_nums {patch_nums} give L={sum(p * p for p in patch_nums)} "
-                              f"over {len(patch_nums)} scales, but the checkpoint has L={L} "
-                              f"over {num_scales}")
+        raise CheckpointError(
+            f"{src}: patch_nums {patch_nums} give L={sum(p * p for p in patch_nums)} "
+            f"over {len(patch_nums)} scales, but the checkpoint has L={L} "
+            f"over {num_scales}"
+        )
     scale_keys = [k for k in sd if k.endswith("attn.scale_mul_1H11")]
     heads = sd[scale_keys[0]].shape[1] if scale_keys else max(C // 64, 1)
     fc1 = [k for k in sd if k.endswith("ffn.fc1.weight")]
     mlp_ratio = sd[fc1[0]].shape[0] / C if fc1 else 4.0
     common = dict(
-        embed_dim=C, num_heads=heads, mlp_ratio=mlp_ratio, patch_nums=tuple(patch_nums), vocab_size=V,
-        z_channels=Cv, num_classes=n_cls - 1, attn_l2_norm=bool(scale_keys),
+        embed_dim=C,
+        num_heads=heads,
+        mlp_ratio=mlp_ratio,
+        patch_nums=tuple(patch_nums),
+        vocab_size=V,
+        z_channels=Cv,
+        num_classes=n_cls - 1,
+        attn_l2_norm=bool(scale_keys),
         shared_aln=any(k.startswith("shared_ada_lin.") for k in sd),
     )
     depth_c = max(C // 64, 1)
@@ -365,18 +377,29 @@ def infer_vqvae_config(
     if patch_nums is None:
         num_scales = sd["quantize.ema_vocab_hit_SV"].shape[0] if "quantize.ema_vocab_hit_SV" in sd else None
         if num_scales != len(PATCH_NUMS_256):
-            raise CheckpointError(f"{src}: the tokenizer's scale pyramid cannot be read from the keys; pass patch_nums")
+            raise CheckpointError(
+                f"{src}: the tokenizer's scale pyramid cannot be read from the keys; pass patch_nums"
+            )
         patch_nums = PATCH_NUMS_256
     return VQVAEConfig(
-        vocab_size=V, z_channels=Cv, ch=ch, ch_mult=ch_mult, num_res_blocks=n_res, patch_nums=tuple(patch_nums),
-        share_quant_resi=share, in_channels=in_ch,
+        vocab_size=V,
+        z_channels=Cv,
+        ch=ch,
+        ch_mult=ch_mult,
+        num_res_blocks=n_res,
+        patch_nums=tuple(patch_nums),
+        share_quant_resi=share,
+        in_channels=in_ch,
         level_attention=any(k.startswith(f"encoder.down.{levels - 1}.attn.") for k in sd),
         mid_attention=any(k.startswith("encoder.mid.attn_1.") for k in sd),
     )
 
 
 def convert_vqvae(
-    sd: Mapping[str, Tensor], cfg: Any = None, *, patch_nums: tuple[int, ...] | None = None,
+    sd: Mapping[str, Tensor],
+    cfg: Any = None,
+    *,
+    patch_nums: tuple[int, ...] | None = None,
     src: str = "state dict",
 ) -> tuple[dict[str, Tensor], Any]:
     """Official VQVAE state dict -> ``(deqgen state dict, VQVAEConfig)``, fully checked.

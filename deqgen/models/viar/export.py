@@ -53,8 +53,15 @@ CONVERTED_FILES = ("model.safetensors", "config.json", "README.md")
 KINDS = ("var", "viar", "vqvae")
 
 _ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 
@@ -71,8 +78,11 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, Tensor], src: str, hint:
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(want) - set(sd))
     unexpected = sorted(set(sd) - set(want))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {want[k]}"
-              for k in sorted(set(want) & set(sd)) if tuple(sd[k].shape) != want[k]]
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {want[k]}"
+        for k in sorted(set(want) & set(sd))
+        if tuple(sd[k].shape) != want[k]
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -214,8 +224,11 @@ def write_safetensors(
         if t.dtype not in _ST_DTYPES:
             raise CheckpointError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
         n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + n]}
+        header[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -233,19 +246,35 @@ def model_card(
 ) -> str:
     """The ``README.md`` written beside the weights: what the model is, its size, config, source, licence."""
     n_params = sum(v.numel() for k, v in state_dict.items() if v.is_floating_point() and "ema_vocab" not in k)
-    title = {"var": "VAR (explicit next-scale transformer)", "viar": "VIAR (implicit next-scale transformer)",
-             "vqvae": "Multi-scale VQVAE tokenizer"}[kind]
+    title = {
+        "var": "VAR (explicit next-scale transformer)",
+        "viar": "VIAR (implicit next-scale transformer)",
+        "vqvae": "Multi-scale VQVAE tokenizer",
+    }[kind]
     lines = [
-        f"# {title}", "",
-        "Converted with deqgen. Load it with:", "",
-        "```python", "from deqgen.models.viar import from_pretrained", "",
-        "model = from_pretrained(\"path/to/this/directory\")", "```", "",
-        "| field | value |", "|---|---|",
+        f"# {title}",
+        "",
+        "Converted with deqgen. Load it with:",
+        "",
+        "```python",
+        "from deqgen.models.viar import from_pretrained",
+        "",
+        'model = from_pretrained("path/to/this/directory")',
+        "```",
+        "",
+        "| field | value |",
+        "|---|---|",
         f"| kind | `{kind}` |",
         f"| parameters | {n_params:,} |",
         f"| source | {source or 'not recorded'} |",
-        f"| licence | {licence or 'that of the source weights (see the source)'} |", "",
-        "## Config", "", "```json", json.dumps(config_to_dict(cfg), indent=2), "```", "",
+        f"| licence | {licence or 'that of the source weights (see the source)'} |",
+        "",
+        "## Config",
+        "",
+        "```json",
+        json.dumps(config_to_dict(cfg), indent=2),
+        "```",
+        "",
     ]
     return "\n".join(lines)
 

@@ -69,14 +69,18 @@ def build_trunk(
     if cfg.implicit is None:
         return ExplicitTrunk([_block(cfg, i, attention_backend) for i in idx["blocks"]])
     spec = cfg.implicit
-    grad = gradient if gradient is not None else SJFB(no_grad=spec.train_no_grad, with_grad=spec.train_with_grad)
+    grad = (
+        gradient if gradient is not None else SJFB(no_grad=spec.train_no_grad, with_grad=spec.train_with_grad)
+    )
     return ImplicitTrunk(
         [_block(cfg, i, attention_backend) for i in idx["pre_blocks"]],
         _block(cfg, idx["implicit_block"][0], attention_backend),
         FusionMLP(cfg.width),
         [_block(cfg, i, attention_backend) for i in idx["post_blocks"]],
         gradient=grad,
-        train_solver=train_solver if train_solver is not None else Picard(tol=None, max_iter=spec.eval_iterations),
+        train_solver=train_solver
+        if train_solver is not None
+        else Picard(tol=None, max_iter=spec.eval_iterations),
         eval_solver=eval_solver if eval_solver is not None else spec.eval_iterations,
         weight_norm=spec.weight_norm,
     )
@@ -115,8 +119,12 @@ class NextScaleTransformer(nn.Module):
         self.head_nm = AdaLNHead(C, cfg.norm_eps)
         self.head = nn.Linear(C, cfg.vocab_size)
         dev = self.pos_1LC.device  # built on the CPU, then moved (meta tensors cannot repeat_interleave)
-        self.register_buffer("lvl_1L", level_index(cfg.patch_nums, device="cpu").unsqueeze(0).to(dev), persistent=False)
-        self.register_buffer("attn_bias", block_causal_bias(cfg.patch_nums, device="cpu").to(dev), persistent=False)
+        self.register_buffer(
+            "lvl_1L", level_index(cfg.patch_nums, device="cpu").unsqueeze(0).to(dev), persistent=False
+        )
+        self.register_buffer(
+            "attn_bias", block_causal_bias(cfg.patch_nums, device="cpu").to(dev), persistent=False
+        )
         self.slices = scale_slices(cfg.patch_nums)
 
     # ---- init ------------------------------------------------------------------------------------------
@@ -209,7 +217,11 @@ class NextScaleTransformer(nn.Module):
         B = cond_BC.shape[0]
         sos = cond_BC.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start.expand(B, -1, -1)
         if scale is None:
-            x = torch.cat((sos, self.word_embed(feats_BlCv.to(self.word_embed.weight.dtype))), dim=1) if feats_BlCv is not None else sos
+            x = (
+                torch.cat((sos, self.word_embed(feats_BlCv.to(self.word_embed.weight.dtype))), dim=1)
+                if feats_BlCv is not None
+                else sos
+            )
             sl = slice(0, x.shape[1])
         elif scale == 0:
             x, sl = sos, self.slices[0]
@@ -250,19 +262,29 @@ class NextScaleTransformer(nn.Module):
         Returns:
             ``(logits (B, L, V) float32, trunk stats)``.
         """
-        if feats_BlCv.dim() != 3 or feats_BlCv.shape[1:] != (self.cfg.seq_len - self.first_l, self.cfg.z_channels):
+        if feats_BlCv.dim() != 3 or feats_BlCv.shape[1:] != (
+            self.cfg.seq_len - self.first_l,
+            self.cfg.z_channels,
+        ):
             raise ValueError(
                 f"feats_BlCv must be (B, {self.cfg.seq_len - self.first_l}, {self.cfg.z_channels}), "
                 f"got {tuple(feats_BlCv.shape)}"
             )
         if self.training and self.cfg.cond_drop_prob > 0:
-            drop = torch.rand(labels.shape, generator=generator, device=labels.device) < self.cfg.cond_drop_prob
+            drop = (
+                torch.rand(labels.shape, generator=generator, device=labels.device) < self.cfg.cond_drop_prob
+            )
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         cond = self.condition(labels)
         x = self.embed(cond, feats_BlCv)
         L = x.shape[1]
-        x, stats = self.trunk(x, self.block_condition(cond), mask=self.attn_bias[:L, :L].to(x.dtype),
-                              generator=generator, shared_generator=shared_generator)
+        x, stats = self.trunk(
+            x,
+            self.block_condition(cond),
+            mask=self.attn_bias[:L, :L].to(x.dtype),
+            generator=generator,
+            shared_generator=shared_generator,
+        )
         return self.logits(x, cond), stats
 
     # ---- cached (sampling) forward ---------------------------------------------------------------------
@@ -354,7 +376,10 @@ def build_model(
     if isinstance(cfg, str):
         cfg = preset(cfg)
     trunk = build_trunk(
-        cfg, gradient=gradient, train_solver=train_solver, eval_solver=eval_solver,
+        cfg,
+        gradient=gradient,
+        train_solver=train_solver,
+        eval_solver=eval_solver,
         attention_backend=attention_backend,
     )
     model = NextScaleTransformer(cfg, trunk)

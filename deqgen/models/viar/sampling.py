@@ -184,7 +184,9 @@ def generate(
     cond = model.condition(rows)
     kv = model.new_cache(cache)
     side = vqvae.config.latent_size
-    fhat = torch.zeros(B, model.cfg.z_channels, side, side, device=dev, dtype=vqvae.quantize.embedding.weight.dtype)
+    fhat = torch.zeros(
+        B, model.cfg.z_channels, side, side, device=dev, dtype=vqvae.quantize.embedding.weight.dtype
+    )
     feats: Tensor | None = None
     z_prev: Tensor | None = None
     indices: list[Tensor] = []

@@ -146,7 +146,9 @@ class FusionMLP(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(2 * dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim))
+        self.net = nn.Sequential(
+            nn.Linear(2 * dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim)
+        )
 
     def forward(self, z_BLC: Tensor, u_BLC: Tensor) -> Tensor:
         """``(B, L, C), (B, L, C) -> (B, L, C)``."""
@@ -259,8 +261,11 @@ class ImplicitTrunk(nn.Module):
         u = _run_blocks(self.pre_blocks, x_BLC, cond, mask, None, 0, generator)
         blk = self.map.block
         masks = blk.draw_masks(u, generator) if self.training and torch.is_grad_enabled() else None
-        z, info = self.implicit(ImplicitInput(u, cond, mask, masks), u,
-                                generator=generator if shared_generator is None else shared_generator)
+        z, info = self.implicit(
+            ImplicitInput(u, cond, mask, masks),
+            u,
+            generator=generator if shared_generator is None else shared_generator,
+        )
         out = _run_blocks(self.post_blocks, z, cond, mask, None, 0, generator)
         return out, TrunkStats(info.forward, info.no_grad_steps, info.grad_steps)
 
@@ -307,7 +312,9 @@ class ImplicitTrunk(nn.Module):
         npre = len(self.pre_blocks)
         u = _run_blocks(self.pre_blocks, x_BnC, cond, None, cache.layers[:npre], scale, None)
         x = ImplicitInput(u, cond, None, None, cache.implicit, scale)
-        sol = forward_solve(lambda z, k: self.map(z, x, k), u if z0 is None else z0, solver or self.implicit.eval_solver)
+        sol = forward_solve(
+            lambda z, k: self.map(z, x, k), u if z0 is None else z0, solver or self.implicit.eval_solver
+        )
         out = _run_blocks(self.post_blocks, sol.z, cond, None, cache.layers[npre:], scale, None)
         return out, TrunkStats(sol, sol.stats.iterations, 0)
 

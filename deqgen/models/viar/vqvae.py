@@ -92,7 +92,9 @@ class VQVAEConfig:
         if not self.ch_mult or any(not isinstance(m, int) or m < 1 for m in self.ch_mult):
             raise ValueError(f"ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult!r}")
         if not self.patch_nums or any(not isinstance(p, int) or p < 1 for p in self.patch_nums):
-            raise ValueError(f"patch_nums must be a non-empty tuple of positive ints, got {self.patch_nums!r}")
+            raise ValueError(
+                f"patch_nums must be a non-empty tuple of positive ints, got {self.patch_nums!r}"
+            )
         if any(b <= a for a, b in zip(self.patch_nums, self.patch_nums[1:])):
             raise ValueError(f"patch_nums must increase strictly (coarse to fine), got {self.patch_nums!r}")
         if not isinstance(self.share_quant_resi, int) or self.share_quant_resi < 0:
@@ -219,11 +221,15 @@ class MultiScaleQuantizer(nn.Module):
         """Raise ValueError unless ``idx_list`` holds ``count`` (default: all scales) int tensors (B, pn*pn)."""
         pns = self.config.patch_nums[: self.config.num_scales if count is None else count]
         if len(idx_list) != len(pns):
-            raise ValueError(f"expected {len(pns)} index tensors (one per scale of {pns}), got {len(idx_list)}")
+            raise ValueError(
+                f"expected {len(pns)} index tensors (one per scale of {pns}), got {len(idx_list)}"
+            )
         for si, (idx, pn) in enumerate(zip(idx_list, pns)):
             if idx.ndim != 2 or idx.shape[1] != pn * pn or idx.dtype.is_floating_point:
-                raise ValueError(f"scale {si}: expected integer indices of shape (B, {pn * pn}), got "
-                                 f"{idx.dtype} {tuple(idx.shape)}")
+                raise ValueError(
+                    f"scale {si}: expected integer indices of shape (B, {pn * pn}), got "
+                    f"{idx.dtype} {tuple(idx.shape)}"
+                )
 
     def _quantize_scale(self, si: int, rest: Tensor) -> tuple[Tensor, Tensor]:
         """Scale ``si`` of the residual pass: tokens (B, pn * pn) of ``rest`` (B, C, h, w) at side ``pn``
@@ -400,9 +406,14 @@ class MultiScaleVQVAE(nn.Module):
         super().__init__()
         self.config = config = config if config is not None else VQVAEConfig()
         trunk = {
-            "ch": config.ch, "ch_mult": config.ch_mult, "num_res_blocks": config.num_res_blocks,
-            "z_channels": config.z_channels, "dropout": config.dropout, "norm_groups": config.norm_groups,
-            "level_attention": config.level_attention, "mid_attention": config.mid_attention,
+            "ch": config.ch,
+            "ch_mult": config.ch_mult,
+            "num_res_blocks": config.num_res_blocks,
+            "z_channels": config.z_channels,
+            "dropout": config.dropout,
+            "norm_groups": config.norm_groups,
+            "level_attention": config.level_attention,
+            "mid_attention": config.mid_attention,
         }
         self.encoder = Encoder(in_channels=config.in_channels, **trunk)  # type: ignore[arg-type]
         self.decoder = Decoder(out_channels=config.in_channels, **trunk)  # type: ignore[arg-type]

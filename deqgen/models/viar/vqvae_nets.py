@@ -22,8 +22,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "AttnBlock", "Decoder", "Downsample", "Encoder", "Phi", "PhiBank", "ResnetBlock", "Upsample",
-    "check_positive", "phi_indices",
+    "AttnBlock",
+    "Decoder",
+    "Downsample",
+    "Encoder",
+    "Phi",
+    "PhiBank",
+    "ResnetBlock",
+    "Upsample",
+    "check_positive",
+    "phi_indices",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,7 +70,9 @@ class ResnetBlock(nn.Module):
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.nin_shortcut: nn.Module = (
-            nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else nn.Identity()
+            nn.Conv2d(in_channels, out_channels, kernel_size=1)
+            if in_channels != out_channels
+            else nn.Identity()
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -146,7 +156,9 @@ class _Level(nn.Module):
     ) -> None:
         super().__init__()
         if attns and len(attns) != len(blocks):
-            raise ValueError(f"a level needs one attention block per residual block, got {len(attns)} vs {len(blocks)}")
+            raise ValueError(
+                f"a level needs one attention block per residual block, got {len(attns)} vs {len(blocks)}"
+            )
         self.block = nn.ModuleList(blocks)
         self.attn = nn.ModuleList(attns)
         # None attributes are skipped by state_dict, so levels without resampling have no such keys.
@@ -220,7 +232,11 @@ class Encoder(nn.Module):
             for _ in range(num_res_blocks):
                 blocks.append(ResnetBlock(c_in, c_out, dropout=dropout, norm_groups=norm_groups))
                 c_in = c_out
-            attns = [AttnBlock(c_out, norm_groups=norm_groups) for _ in blocks] if i == last and level_attention else []
+            attns = (
+                [AttnBlock(c_out, norm_groups=norm_groups) for _ in blocks]
+                if i == last and level_attention
+                else []
+            )
             levels.append(_Level(blocks, attns, downsample=Downsample(c_out) if i != last else None))
         self.down = nn.ModuleList(levels)
         self.mid = _Mid(c_in, attention=mid_attention, dropout=dropout, norm_groups=norm_groups)
@@ -280,7 +296,11 @@ class Decoder(nn.Module):
             for _ in range(num_res_blocks + 1):
                 blocks.append(ResnetBlock(c_in, c_out, dropout=dropout, norm_groups=norm_groups))
                 c_in = c_out
-            attns = [AttnBlock(c_out, norm_groups=norm_groups) for _ in blocks] if i == last and level_attention else []
+            attns = (
+                [AttnBlock(c_out, norm_groups=norm_groups) for _ in blocks]
+                if i == last and level_attention
+                else []
+            )
             levels[i] = _Level(blocks, attns, upsample=Upsample(c_out) if i != 0 else None)
         self.up = nn.ModuleList(levels)
         self.norm_out = _group_norm(c_in, norm_groups)

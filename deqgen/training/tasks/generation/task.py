@@ -50,8 +50,20 @@ __all__ = ["GenerationTask", "model_differences"]
 logger = logging.getLogger(__name__)
 
 #: TransformerConfig / ImplicitSpec fields a resumed run may change (they do not change parameter shapes).
-_TRAINING_ONLY = frozenset({"drop_path_rate", "dropout", "cond_drop_prob", "init_adaln", "init_adaln_gamma",
-                            "init_head", "norm_eps", "train_no_grad", "train_with_grad", "eval_iterations"})
+_TRAINING_ONLY = frozenset(
+    {
+        "drop_path_rate",
+        "dropout",
+        "cond_drop_prob",
+        "init_adaln",
+        "init_adaln_gamma",
+        "init_head",
+        "norm_eps",
+        "train_no_grad",
+        "train_with_grad",
+        "eval_iterations",
+    }
+)
 
 
 class GenerationTask(TaskDefaults):
@@ -60,8 +72,15 @@ class GenerationTask(TaskDefaults):
     config_class: ClassVar[type[GenerationConfig]] = GenerationConfig
     supports_activation_checkpointing: ClassVar[bool] = True
 
-    def __init__(self, cfg: GenerationConfig, dist: DistInfo, out_dir: Path, vae: MultiScaleVQVAE,
-                 data: Dataset[Any], validation: Dataset[Any] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: GenerationConfig,
+        dist: DistInfo,
+        out_dir: Path,
+        vae: MultiScaleVQVAE,
+        data: Dataset[Any],
+        validation: Dataset[Any] | None = None,
+    ) -> None:
         self.cfg, self.dist, self.out_dir, self.vae, self.data = cfg, dist, out_dir, vae, data
         self.validation = validation
 
@@ -107,7 +126,9 @@ class GenerationTask(TaskDefaults):
     def roles(self) -> list[ModelRole]:
         """``model``, then ``baseline`` when the recipe has one; exported as ``viar``/``var`` when their kinds
         differ, else under their role names."""
-        sections = [("model", self.cfg.model)] + ([("baseline", self.cfg.baseline)] if self.cfg.baseline else [])
+        sections = [("model", self.cfg.model)] + (
+            [("baseline", self.cfg.baseline)] if self.cfg.baseline else []
+        )
         kinds = ["var" if s.implicit is None else "viar" for _, s in sections]
         unique = len(set(kinds)) == len(kinds)
         return [ModelRole(role, kind if unique else role) for (role, _), kind in zip(sections, kinds)]
@@ -116,13 +137,21 @@ class GenerationTask(TaskDefaults):
         """The role's :class:`NextScaleTransformer` with the recipe's gradient method and solvers."""
         section = self._section(role)
         train_solver, eval_solver = build_solvers(self.cfg) if section.implicit is not None else (None, None)
-        model = build_model(transformer_config(section), gradient=build_gradient(self.cfg, section),
-                            train_solver=train_solver, eval_solver=eval_solver,
-                            attention_backend=self.cfg.attention.backend, generator=generator)
+        model = build_model(
+            transformer_config(section),
+            gradient=build_gradient(self.cfg, section),
+            train_solver=train_solver,
+            eval_solver=eval_solver,
+            attention_backend=self.cfg.attention.backend,
+            generator=generator,
+        )
         if self.cfg.training.activation_checkpointing:
             count = checkpoint_explicit_blocks(model)
-            logger.info("training.activation_checkpointing: %d explicit blocks of %s recompute in backward",
-                        count, role.role)
+            logger.info(
+                "training.activation_checkpointing: %d explicit blocks of %s recompute in backward",
+                count,
+                role.role,
+            )
         return model
 
     def dataset(self) -> Dataset[Any]:
@@ -148,8 +177,9 @@ class GenerationTask(TaskDefaults):
             idx = x if x.dtype == torch.int64 else torch.cat(self.vae.img_to_indices(x), 1)
             feats = teacher_forcing(self.vae, idx)
         logits, stats = model(labels, feats, generator=rng.rank, shared_generator=rng.shared)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), idx.flatten(),
-                               label_smoothing=self.cfg.training.label_smoothing)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), idx.flatten(), label_smoothing=self.cfg.training.label_smoothing
+        )
         acc = (logits.detach().argmax(-1) == idx).float().mean()
         return StepOutput(loss, {"acc": acc, "k1": float(stats.no_grad_steps), "k2": float(stats.grad_steps)})
 
@@ -162,7 +192,9 @@ class GenerationTask(TaskDefaults):
     def export(self, role: ModelRole, state: dict[str, Tensor], directory: Path) -> None:
         """A ``load_converted`` directory (``deqgen sample`` reads it)."""
         section = self._section(role)
-        save_converted(directory, state, "var" if section.implicit is None else "viar", transformer_config(section))
+        save_converted(
+            directory, state, "var" if section.implicit is None else "viar", transformer_config(section)
+        )
 
     def summarize(self, results: Sequence[TrainResult]) -> None:
         """``grid.png``, ``loss.png`` and ``metrics.json`` in the run directory."""
@@ -189,13 +221,19 @@ def model_differences(section: str, old: Any, new: Any) -> list[str]:
     return out
 
 
-def _field_differences(prefix: str, old: Any, new: Any, skip: frozenset[str] | set[str] = frozenset()) -> list[str]:
-    return [f"{prefix}.{f.name}: checkpoint {getattr(old, f.name)!r}, run {getattr(new, f.name)!r}"
-            for f in dataclasses.fields(old)
-            if f.name not in _TRAINING_ONLY | skip and getattr(old, f.name) != getattr(new, f.name)]
+def _field_differences(
+    prefix: str, old: Any, new: Any, skip: frozenset[str] | set[str] = frozenset()
+) -> list[str]:
+    return [
+        f"{prefix}.{f.name}: checkpoint {getattr(old, f.name)!r}, run {getattr(new, f.name)!r}"
+        for f in dataclasses.fields(old)
+        if f.name not in _TRAINING_ONLY | skip and getattr(old, f.name) != getattr(new, f.name)
+    ]
 
 
-def _tokenizer(cfg: GenerationConfig, dist: DistInfo, out_dir: Path, images: Tensor | None) -> MultiScaleVQVAE:
+def _tokenizer(
+    cfg: GenerationConfig, dist: DistInfo, out_dir: Path, images: Tensor | None
+) -> MultiScaleVQVAE:
     """Load ``tokenizer.checkpoint``, or train on rank 0 (reusing ``out_dir/tokenizer``) and load everywhere."""
     tok_cfg = tokenizer_config(cfg.tokenizer)
     if cfg.tokenizer.checkpoint is not None:
@@ -207,23 +245,33 @@ def _tokenizer(cfg: GenerationConfig, dist: DistInfo, out_dir: Path, images: Ten
             logger.info("tokenizer: reusing %s", path)
         except CheckpointError:
             if images is None:
-                raise ValueError("tokenizer.train needs in-memory data (data.kind: digits); for image folders "
-                                 "give tokenizer.checkpoint") from None
+                raise ValueError(
+                    "tokenizer.train needs in-memory data (data.kind: digits); for image folders "
+                    "give tokenizer.checkpoint"
+                ) from None
             _train_and_save_tokenizer(cfg, dist, tok_cfg, images, path)
     barrier()
     return load_tokenizer(path, tok_cfg)
 
 
-def _train_and_save_tokenizer(cfg: GenerationConfig, dist: DistInfo, tok_cfg: VQVAEConfig, images: Tensor,
-                              path: Path) -> None:
+def _train_and_save_tokenizer(
+    cfg: GenerationConfig, dist: DistInfo, tok_cfg: VQVAEConfig, images: Tensor, path: Path
+) -> None:
     t = cfg.tokenizer.train
     assert t is not None
     g = torch.Generator().manual_seed(shared_seed(cfg.training.seed))
     vae = MultiScaleVQVAE(tok_cfg)
     vae.init_weights(g)
     with progress_bar(t.steps, dist, enabled=cfg.logging.progress_bar, desc="tokenizer") as bar:
-        losses = train_tokenizer(vae, images, steps=t.steps, lr=t.lr, batch_size=t.batch_size, generator=g,
-                                 on_step=_TokenizerProgress(bar, cfg.logging.log_every_n_steps, t.steps))
+        losses = train_tokenizer(
+            vae,
+            images,
+            steps=t.steps,
+            lr=t.lr,
+            batch_size=t.batch_size,
+            generator=g,
+            on_step=_TokenizerProgress(bar, cfg.logging.log_every_n_steps, t.steps),
+        )
     save_converted(path, vae.state_dict(), "vqvae", tok_cfg)
     logger.info("tokenizer: trained %d steps (final recon MSE %.4f), saved %s", t.steps, losses[-1], path)
 
@@ -242,8 +290,9 @@ class _TokenizerProgress:
             logger.info("tokenizer step %d/%d  recon %.4f  vq %.4f", step, self.steps, rec, vq)
 
 
-def _dataset(cfg: GenerationConfig, dist: DistInfo, vae: MultiScaleVQVAE, images: Tensor | None,
-             labels: Tensor | None) -> Dataset[Any]:
+def _dataset(
+    cfg: GenerationConfig, dist: DistInfo, vae: MultiScaleVQVAE, images: Tensor | None, labels: Tensor | None
+) -> Dataset[Any]:
     if cfg.data.pretokenized is not None:  # token pyramids written once by ``deqgen pretokenize``
         tokens = PretokenizedDataset(cfg.data.pretokenized, vae)
         logger.info("data: %d pre-tokenized images from %s", len(tokens), cfg.data.pretokenized)

@@ -58,7 +58,9 @@ def load_tokenizer(path: str | Path, config: VQVAEConfig | None = None) -> Multi
         vae = MultiScaleVQVAE(cfg)
         vae.load_state_dict(sd, strict=True)
     if config is not None and vae.config != config:
-        raise CheckpointError(f"tokenizer.checkpoint {p} was built with {vae.config}, the recipe asks for {config}")
+        raise CheckpointError(
+            f"tokenizer.checkpoint {p} was built with {vae.config}, the recipe asks for {config}"
+        )
     return vae.eval().requires_grad_(False)
 
 
@@ -105,7 +107,10 @@ def train_tokenizer(
 def tokenize(vae: MultiScaleVQVAE, images: Tensor, batch_size: int = 500) -> Tensor:
     """Token pyramids of ``images`` ``(N, C, H, W)``: ``(N, L)`` int64, scales concatenated coarse to fine."""
     vae.eval()
-    out = [torch.cat(vae.img_to_indices(images[i : i + batch_size]), 1) for i in range(0, images.shape[0], batch_size)]
+    out = [
+        torch.cat(vae.img_to_indices(images[i : i + batch_size]), 1)
+        for i in range(0, images.shape[0], batch_size)
+    ]
     return torch.cat(out)
 
 
@@ -126,8 +131,11 @@ def _tokenizer_fingerprint(vae: MultiScaleVQVAE) -> dict[str, Any]:
     import dataclasses
 
     book = vae.state_dict()["quantize.embedding.weight"].detach().double().cpu()
-    return {"config": json.loads(json.dumps(dataclasses.asdict(vae.config))), "codebook_sum": float(book.sum()),
-            "codebook_abs_sum": float(book.abs().sum())}
+    return {
+        "config": json.loads(json.dumps(dataclasses.asdict(vae.config))),
+        "codebook_sum": float(book.sum()),
+        "codebook_abs_sum": float(book.abs().sum()),
+    }
 
 
 def write_pretokenized(
@@ -173,10 +181,20 @@ def write_pretokenized(
     part = path.with_name(path.name + ".partial")
     n, L = len(dataset), sum(p * p for p in vae.config.patch_nums)
     dtype = np.int16 if vae.config.vocab_size <= np.iinfo(np.int16).max else np.int32
-    meta = {"num_samples": n, "seq_len": L, "patch_nums": list(vae.config.patch_nums),
-            "vocab_size": vae.config.vocab_size, "dtype": np.dtype(dtype).name, "tokenizer": _tokenizer_fingerprint(vae)}
+    meta = {
+        "num_samples": n,
+        "seq_len": L,
+        "patch_nums": list(vae.config.patch_nums),
+        "vocab_size": vae.config.vocab_size,
+        "dtype": np.dtype(dtype).name,
+        "tokenizer": _tokenizer_fingerprint(vae),
+    }
     done = 0
-    if (part / _META).is_file() and json.loads((part / _META).read_text()) == meta and (part / _PROGRESS).is_file():
+    if (
+        (part / _META).is_file()
+        and json.loads((part / _META).read_text()) == meta
+        and (part / _PROGRESS).is_file()
+    ):
         done = int(json.loads((part / _PROGRESS).read_text())["rows"])
         tokens = np.load(part / _TOKENS, mmap_mode="r+")
         labels = np.load(part / _LABELS, mmap_mode="r+")
@@ -222,12 +240,16 @@ class PretokenizedDataset(Dataset[tuple[Tensor, Tensor]]):
 
         path = Path(path)
         if not (path / _META).is_file():
-            raise FileNotFoundError(f"data.pretokenized {path} has no {_META}: not a (complete) pre-tokenized "
-                                    "folder; write it with deqgen pretokenize")
+            raise FileNotFoundError(
+                f"data.pretokenized {path} has no {_META}: not a (complete) pre-tokenized "
+                "folder; write it with deqgen pretokenize"
+            )
         meta = json.loads((path / _META).read_text())
         if meta["tokenizer"] != _tokenizer_fingerprint(vae):
-            raise ValueError(f"data.pretokenized {path} was written by another tokenizer than tokenizer.checkpoint "
-                             "(config or codebook differ); pre-tokenize again")
+            raise ValueError(
+                f"data.pretokenized {path} was written by another tokenizer than tokenizer.checkpoint "
+                "(config or codebook differ); pre-tokenize again"
+            )
         self.tokens = np.load(path / _TOKENS, mmap_mode="r")
         self.labels = np.load(path / _LABELS, mmap_mode="r")
 
@@ -260,5 +282,6 @@ def pretokenize_recipe(cfg: Any, out: str | Path, *, batch_size: int = 256) -> P
     else:
         dataset = image_folder(cfg, "train", random_crop=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return write_pretokenized(out, vae, dataset, batch_size=batch_size, num_workers=cfg.data.num_workers,
-                              device=device)
+    return write_pretokenized(
+        out, vae, dataset, batch_size=batch_size, num_workers=cfg.data.num_workers, device=device
+    )

@@ -5,7 +5,8 @@
 Each square system ``F(x) = 0`` of the set (``tests/mgh.py``: standard dimensions and starting points, Moré,
 Garbow & Hillstrom, ACM TOMS 1981) is solved from its standard start, in float64, by deqgen's Anderson and
 Broyden (on the fixed-point map ``g(z) = z + F(z)``, ``stop_mode="abs"``, ``norm="inf"``, ``tol=1e-8``,
-``max_iter=1000``; Broyden also with ``memory=1000``, the full memory torchdeq's Broyden keeps by default), torchdeq's ``broyden_solver`` (abs mode, tol 1e-8, max_iter 1000, library defaults), and
+``max_iter=1000``; Broyden also with ``memory=1000``, the full memory torchdeq's Broyden keeps by default),
+torchdeq's ``broyden_solver`` (abs mode, tol 1e-8, max_iter 1000, library defaults), and
 scipy.optimize.root with ``hybr`` (MINPACK, ``maxfev=1000``), ``broyden1`` and ``anderson`` (``fatol=1e-8``,
 ``maxiter=1000``). A cell reads ``calls`` when the returned point has ``max|F| < 1e-8`` within 1,000
 evaluations of F, else ``- (max|F|)``; ``calls`` counts every evaluation, line-search ones included.
@@ -16,8 +17,8 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,7 +110,7 @@ def main() -> None:
             totals[name] += solved
             cells.append(text)
         print(f"| {p.name} | {p.n} | " + " | ".join(cells) + " |", flush=True)
-    print(f"| **solved** | | " + " | ".join(f"**{totals[n]} / {len(MGH_PROBLEMS)}**" for n in names) + " |")
+    print("| **solved** | | " + " | ".join(f"**{totals[n]} / {len(MGH_PROBLEMS)}**" for n in names) + " |")
 
 
 if __name__ == "__main__":

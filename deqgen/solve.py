@@ -43,7 +43,8 @@ def fixed_point(
         throw: raise :class:`~deqgen.stats.SolverError` if a sample does not converge.
 
     Returns:
-        :class:`~deqgen.stats.Solution` with ``z: (B, *S)`` (or the structure of ``z0``) and per-sample :class:`~deqgen.stats.SolverStats`.
+        :class:`~deqgen.stats.Solution` with ``z: (B, *S)`` (or the structure of ``z0``) and per-sample
+        :class:`~deqgen.stats.SolverStats`.
 
     Example:
         >>> import torch

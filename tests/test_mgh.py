@@ -1,5 +1,6 @@
 """Moré-Garbow-Hillstrom systems (``tests/mgh.py``): the definitions against their known roots, and deqgen's
-Anderson and Broyden solving a few of them from the standard start (float64, success = max|F| < 1e-8, re-measured here)."""
+Anderson and Broyden solving a few of them from the standard start (float64, success = max|F| < 1e-8,
+re-measured here)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,10 @@ def test_discrete_boundary_value_and_integral_equation_share_their_root() -> Non
     for name in ("Discrete boundary value n=10", "Discrete integral equation n=10"):
         p = _BY_NAME[name]
         r = root(
-            lambda v: p.F(torch.tensor(v[None]))[0].numpy(), p.start()[0].numpy(), method="hybr", tol=1e-14
+            lambda v, p=p: p.F(torch.tensor(v[None]))[0].numpy(),
+            p.start()[0].numpy(),
+            method="hybr",
+            tol=1e-14,
         )
         sols.append(torch.tensor(r.x))
     assert torch.allclose(sols[0], sols[1], rtol=0, atol=1e-6)

@@ -50,7 +50,8 @@ class ReportData:
         parameters: ``{"viar": n, "var": n}``.
         sweep: results of :func:`~deqgen.evaluation.sampling_sweep.sample_sweep` (VAR first, then VIAR with
             the run's own schedule and both caches).
-        floor: real-vs-real feature-FID at the generated sets' size (:func:`~deqgen.evaluation.sampling_sweep.real_floor` with ``per_class``).
+        floor: real-vs-real feature-FID at the generated sets' size
+            (:func:`~deqgen.evaluation.sampling_sweep.real_floor` with ``per_class``).
         floor_all: the same with all training digits.
         memory: :func:`~deqgen.evaluation.training_memory.training_memory` points.
         convergence: ``{cache: curves}`` from :func:`~deqgen.evaluation.convergence.convergence_curves`.
@@ -138,7 +139,8 @@ def _model_table(d: ReportData) -> list[str]:
         ),
         (
             f"| feature-FID vs held-out digits (± bootstrap s.d.; real digits at the same count: {d.floor:.2f}) | "
-            f"{var.feature_fid:.2f} ± {var.feature_fid_std:.2f} | {viar.feature_fid:.2f} ± {viar.feature_fid_std:.2f} | "
+            f"{var.feature_fid:.2f} ± {var.feature_fid_std:.2f} | "
+            f"{viar.feature_fid:.2f} ± {viar.feature_fid_std:.2f} | "
             f"{_ratio(viar.feature_fid, var.feature_fid)} | FID {PAPER['fid']} (Inception "
             f"features, 50k samples; a different metric) | {_verdict_fid(viar, var)} |"
         ),
@@ -295,12 +297,14 @@ def write_report(d: ReportData, out_dir: Path) -> Path:
         ),
         "",
         (
-            f"Sampler settings from the run's config.yaml: cfg scale {d.sampling['cfg_scale']}, top-k {d.sampling['top_k']}, top-p "
+            f"Sampler settings from the run's config.yaml: cfg scale {d.sampling['cfg_scale']}, "
+            f"top-k {d.sampling['top_k']}, top-p "
             f"{d.sampling['top_p']}, seed {d.sampling['seed']}; {d.settings.per_class} samples per class per "
             f"configuration, batches of {d.settings.batch_size}; every configuration draws the same per-sample seeds. "
             "Quality is judged by the run's own digits classifier (trained on held-out real digits the generators "
             "never saw): class accuracy of the samples, and the Fréchet distance in its 128-d feature space against "
-            "those held-out digits (feature-FID). Paper numbers are quoted from the VIAR paper (arXiv 2605.01220); the paper's models are "
+            "those held-out digits (feature-FID). Paper numbers are quoted from the VIAR paper (arXiv 2605.01220); "
+            "the paper's models are "
             "~1000x larger and run on a GPU, so only directions and ratios can be compared."
         ),
         "",
@@ -315,7 +319,8 @@ def write_report(d: ReportData, out_dir: Path) -> Path:
         *_model_table(d),
         "",
         (
-            f"VIAR samples with the run's own schedule `{d.sampling['schedule']}`. The KV bytes are those held at the end "
+            f"VIAR samples with the run's own schedule `{d.sampling['schedule']}`. "
+            "The KV bytes are those held at the end "
             "of a batch (the cache's peak), per image, guidance rows included; the iteration-keyed cache keeps one K/V "
             "per iteration in the implicit block (the official semantics, equal to teacher forcing for a constant "
             "count), the lean cache one per scale."

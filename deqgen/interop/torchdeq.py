@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deqgen.problem import FixedPointProblem
 from deqgen import solvers
+from deqgen.problem import FixedPointProblem
 from deqgen.solvers import SOLVERS
 from deqgen.solvers.base import Solver, run
 from deqgen.stats import Solution

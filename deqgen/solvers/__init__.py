@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 from deqgen._registry import Registry
-
 from deqgen.solvers.anderson import Anderson, AndersonState
 from deqgen.solvers.base import Solver, run, take_rows
 from deqgen.solvers.broyden import Broyden, BroydenState

@@ -30,8 +30,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from deqgen.evaluation.memory import peak_memory_bytes
 from deqgen.files import atomic_write_text
-from deqgen.training.checkpoint import Checkpoint, CheckpointManager, ConfigCheck, gather_full_state
-from deqgen.training.checkpoint import restore_rng_state, scatter_full_state
+from deqgen.training.checkpoint import (
+    Checkpoint,
+    CheckpointManager,
+    ConfigCheck,
+    gather_full_state,
+    restore_rng_state,
+    scatter_full_state,
+)
 from deqgen.training.distributed import (
     DistInfo,
     DistributedBatchSampler,

@@ -1,4 +1,5 @@
-"""pytest-benchmark: every deqgen solver next to the matching torchdeq solver on P1-P4 (the protocol in docs/benchmarks.md).
+"""pytest-benchmark: every deqgen solver next to the matching torchdeq solver on P1-P4
+(the protocol in docs/benchmarks.md).
 
 Skipped in the default run. Run the timings with::
 
@@ -22,7 +23,7 @@ from tests.problems import BankProblem, benchmark_problem
 pytest.importorskip("torchdeq")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _problem(name: str) -> BankProblem:
     return benchmark_problem(name, torch.float32)
 

@@ -216,7 +216,7 @@ def test_k_iterations_are_k_applications_of_the_block(K: int) -> None:
     solver = Explicit((K, 9)).solver_for_scale(0, 2)
     sol = fixed_point(block, z0, solver, indexed=True)
     ref = z0
-    for k in range(K):
+    for _ in range(K):
         ref = torch.tanh(ref @ W.T + 1.0)
     assert calls == list(range(K))
     assert torch.equal(sol.z, ref) and sol.stats.nfe.tolist() == [K, K]

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from deqgen.gradients import JFB, SJFB
-from deqgen.models.viar.config import PRESETS, TransformerConfig
 from deqgen.cli import main
+from deqgen.gradients import JFB, SJFB
+from deqgen.models.viar.config import PRESETS
 from deqgen.training.config import load_config, load_config_text
 from deqgen.training.lr_schedule import peak_lr
 from deqgen.training.schema import (

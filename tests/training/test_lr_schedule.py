@@ -1,4 +1,5 @@
-"""lr / wd schedules against the official VIAR-d30 figures (from the official VIAR training script, mobiushy/VIAR), and AdamW groups."""
+"""lr / wd schedules against the official VIAR-d30 figures (from the official VIAR training script,
+mobiushy/VIAR), and AdamW groups."""
 
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ KV cache's lifetime; the model only computes one scale's logits (``forward_scale
 tokens into the next scale's input (``next_scale_input``).
 
 Randomness: one run seed is drawn from the caller's ``generator``; sample ``i`` gets a generator seeded from
-(run seed, global index ``i``), so it draws the same random stream whatever the batch size (see :func:`~deqgen.models.viar.logits.sample_tokens`).
+(run seed, global index ``i``), so it draws the same random stream whatever the batch size
+(see :func:`~deqgen.models.viar.logits.sample_tokens`).
 """
 
 from __future__ import annotations

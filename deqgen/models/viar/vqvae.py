@@ -499,7 +499,8 @@ class MultiScaleVQVAE(nn.Module):
         return self.quantize.embed(si, idx_Bl)
 
     def teacher_forcing_input(self, idx_list: Sequence[Tensor]) -> Tensor:
-        """Teacher-forcing input (B, L - patch_nums[0] ** 2, Cvae); see :meth:`MultiScaleQuantizer.teacher_forcing_input`."""
+        """Teacher-forcing input (B, L - patch_nums[0] ** 2, Cvae); see
+        :meth:`MultiScaleQuantizer.teacher_forcing_input`."""
         return self.quantize.teacher_forcing_input(idx_list)
 
     def next_scale_input(self, si: int, fhat: Tensor, h_BChw: Tensor) -> tuple[Tensor, Tensor]:

@@ -146,25 +146,10 @@ def fit(
     model = task.build_model(role, generator).to(dist.device)
     parameters = sum(p.numel() for p in model.parameters())
     logger.info("%s (%s): %s parameters", role.role, role.name, f"{parameters:,}")
-    dataset = task.dataset()
-    check_batch_fits(cfg, len(dataset))
-    sampler = DistributedBatchSampler(
-        len(dataset),
-        cfg.training.micro_batch_size,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        seed=cfg.training.seed + index,
-    )
+    dataset, sampler = _data(task, cfg, dist, index)
     length = plan_length(cfg, dist, len(sampler), len(dataset))
     state = build_state(task, cfg, dist, model, index)
-    checkpoints = CheckpointManager(
-        out / "checkpoints" / role.role,
-        cfg.checkpoint.keep_last,
-        dist,
-        config=cfg,
-        check=check,
-        verify_hash=cfg.checkpoint.verify_hash,
-    )
+    checkpoints = _checkpoint_manager(cfg, dist, out, role, check)
     metrics_file = out / f"{role.role}_metrics.jsonl"
     resume(state, checkpoints.load(resume_for(cfg, role.role)), dist, metrics_file)
     lr_at, wd_at = build_schedules(cfg.optim, cfg.training.global_batch_size, length.total, length.warmup)
@@ -176,27 +161,42 @@ def fit(
         length.total, dist, enabled=cfg.logging.progress_bar, desc=role.role, initial=state.step
     )
     with bar, metrics:  # the metric files are closed even when a step raises
-        loop = _Loop(
-            task,
-            cfg,
-            dist,
-            role,
-            length,
-            dataset,
-            task.validation_set(),
-            sampler,
-            lr_at,
-            wd_at,
-            checkpoints,
-            metrics,
-            bar,
-        )
+        loop = _Loop(task, cfg, dist, role, length, dataset, task.validation_set(), sampler, lr_at, wd_at,
+                     checkpoints, metrics, bar)  # fmt: skip
         state.wrapped.train()
         while state.step < length.total:
             run_epoch(loop, state)
     seconds = time.perf_counter() - t_start
     export_dir = _export(task, role, state, dist, out, seconds)
     return TrainResult(role, state.step, parameters, export_dir, read_losses(metrics_file), seconds)
+
+
+def _data(task: Task, cfg: TrainConfig, dist: DistInfo, index: int) -> tuple[Any, DistributedBatchSampler]:
+    """The task's training set, checked against the global batch, and this rank's batch sampler over it."""
+    dataset = task.dataset()
+    check_batch_fits(cfg, len(dataset))
+    sampler = DistributedBatchSampler(
+        len(dataset),
+        cfg.training.micro_batch_size,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        seed=cfg.training.seed + index,
+    )
+    return dataset, sampler
+
+
+def _checkpoint_manager(
+    cfg: TrainConfig, dist: DistInfo, out: Path, role: ModelRole, check: ConfigCheck | None
+) -> CheckpointManager:
+    """The checkpoints of ``role`` under ``out/checkpoints/<role>``."""
+    return CheckpointManager(
+        out / "checkpoints" / role.role,
+        cfg.checkpoint.keep_last,
+        dist,
+        config=cfg,
+        check=check,
+        verify_hash=cfg.checkpoint.verify_hash,
+    )
 
 
 def plan_length(cfg: TrainConfig, dist: DistInfo, batches_per_epoch: int, num_samples: int) -> RunLength:

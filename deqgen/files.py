@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 __all__ = [
+    "fsync_dir",
     "atomic_dir",
     "atomic_file",
     "atomic_open",
@@ -54,6 +55,11 @@ _TRIES = 100
 
 def _temp_name(target: Path, suffix: str) -> Path:
     return target.with_name(f".{target.name}.{secrets.token_hex(6)}{suffix}")
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a directory's entries (a rename into it) to disk; best effort where directories cannot be opened."""
+    _fsync_path(Path(path), directory=True)
 
 
 def _fsync_path(path: Path, *, directory: bool = False) -> None:

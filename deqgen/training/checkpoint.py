@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from deqgen.errors import CheckpointError
-from deqgen.files import atomic_file, atomic_open, atomic_write_text
+from deqgen.files import atomic_file, atomic_open, atomic_write_text, fsync_dir
 from deqgen.training.distributed import DistInfo, barrier
 from deqgen.training.schema import TrainConfig, config_to_yaml
 
@@ -166,19 +166,6 @@ def restore_rng_state(
 
 
 # ---- files ------------------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -362,7 +349,7 @@ class CheckpointManager:
         atomic_write_text(
             tmp / MANIFEST_FILE, json.dumps(manifest, indent=1)
         )  # last: marks the save complete
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # re-saving a step: move the old one aside first, delete it after the swap
             old = self.directory / f".ckpt_{step:08d}.old"
             if old.exists():
@@ -372,7 +359,7 @@ class CheckpointManager:
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         logger.info("saved checkpoint %s", final)
 
     def prune(self) -> None:

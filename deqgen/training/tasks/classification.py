@@ -33,8 +33,7 @@ from deqgen.training.schema import Section, TrainConfig
 from deqgen.training.task import ModelRole, Randomness, StepOutput, TaskDefaults, TrainResult
 from deqgen.training.tasks.deq_options import (
     DEQSection,
-    build_gradient,
-    build_solvers,
+    layer_options,
     plot_curves,
     regularized_loss,
     save_weights,
@@ -179,18 +178,7 @@ def build_model(cfg: ClassificationConfig, role: str, generator: torch.Generator
     """``role`` ``model``: the MDEQ of ``cfg``; ``baseline``: its explicit twin."""
     if role == "baseline":
         return build_classifier(cfg.model, implicit=False, generator=generator)
-    train_solver, eval_solver = build_solvers(cfg.deq)
-    reg = cfg.deq.regularization
-    return build_classifier(
-        cfg.model,
-        gradient=build_gradient(cfg.deq.gradient),
-        train_solver=train_solver,
-        eval_solver=eval_solver,
-        separable=cfg.separable,
-        jacobian=reg.jac_weight > 0,
-        states=reg.fp_states,
-        generator=generator,
-    )
+    return build_classifier(cfg.model, generator=generator, separable=cfg.separable, **layer_options(cfg.deq))
 
 
 @torch.no_grad()

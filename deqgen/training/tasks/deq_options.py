@@ -24,6 +24,7 @@ from deqgen.regularization import fp_correction, jac_reg
 from deqgen.training.schema import Section
 
 __all__ = [
+    "layer_options",
     "DEQSection",
     "GradientChoice",
     "RegularizationSection",
@@ -117,6 +118,20 @@ def build_solvers(deq: DEQSection) -> tuple[_solvers.Solver[Any], _solvers.Solve
     train = _solvers.get(deq.train_solver.name, **dict(deq.train_solver.options))
     ev = deq.eval_solver or deq.train_solver
     return train, _solvers.get(ev.name, **dict(ev.options))
+
+
+def layer_options(deq: DEQSection) -> dict[str, Any]:
+    """The implicit layer's keyword arguments that the ``deq`` section sets: gradient method, train and eval
+    solvers, and what the regularisation needs recorded (the Jacobian step, fixed-point correction states)."""
+    train_solver, eval_solver = build_solvers(deq)
+    reg = deq.regularization
+    return {
+        "gradient": build_gradient(deq.gradient),
+        "train_solver": train_solver,
+        "eval_solver": eval_solver,
+        "jacobian": reg.jac_weight > 0,
+        "states": reg.fp_states,
+    }
 
 
 def regularized_loss(

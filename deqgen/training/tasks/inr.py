@@ -37,8 +37,7 @@ from deqgen.training.schema import Section, TrainConfig
 from deqgen.training.task import ModelRole, Randomness, StepOutput, TaskDefaults, TrainResult
 from deqgen.training.tasks.deq_options import (
     DEQSection,
-    build_gradient,
-    build_solvers,
+    layer_options,
     plot_curves,
     regularized_loss,
     save_weights,
@@ -209,17 +208,7 @@ def build_model(cfg: INRTaskConfig, role: str, generator: torch.Generator | None
     """``role`` ``model``: the DEQ INR of ``cfg``; ``baseline``: its explicit MLP."""
     if role == "baseline":
         return build_inr(cfg.model, implicit=False, generator=generator)
-    train_solver, eval_solver = build_solvers(cfg.deq)
-    reg = cfg.deq.regularization
-    return build_inr(
-        cfg.model,
-        gradient=build_gradient(cfg.deq.gradient),
-        train_solver=train_solver,
-        eval_solver=eval_solver,
-        jacobian=reg.jac_weight > 0,
-        states=reg.fp_states,
-        generator=generator,
-    )
+    return build_inr(cfg.model, generator=generator, **layer_options(cfg.deq))
 
 
 @torch.no_grad()

@@ -24,10 +24,9 @@ from deqgen.training.schema import (
     config_to_yaml,
     parse_override,
 )
+from deqgen.training.tasks.generation.builders import build_gradient, build_solvers
 from deqgen.training.tasks.generation.config import (
     GenerationConfig,
-    build_gradient,
-    build_solvers,
     tokenizer_config,
     transformer_config,
 )

@@ -33,10 +33,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, create_model, field_validator, model_validator
 from pydantic_core import InitErrorDetails
 
-from deqgen import gradients as _gradients
-from deqgen import solvers as _solvers
 from deqgen.models.viar.config import PRESETS, ImplicitSpec, TransformerConfig
-from deqgen.models.viar.schedules import Explicit, Schedule, parse_schedule
+from deqgen.models.viar.schedules import Explicit, parse_schedule
 from deqgen.models.viar.vqvae import VQVAE_PRESETS, VQVAEConfig
 from deqgen.training.schema import (
     EvaluationSection,
@@ -45,6 +43,7 @@ from deqgen.training.schema import (
     config_error,
     selected_sections,
 )
+from deqgen.training.tasks.generation.builders import build_solver, gradient_method
 
 __all__ = [
     "PATH_SECTIONS",
@@ -54,10 +53,6 @@ __all__ = [
     "ModelSection",
     "SamplingSection",
     "TokenizerSection",
-    "build_gradient",
-    "build_schedule",
-    "build_solver",
-    "build_solvers",
     "tokenizer_config",
     "transformer_config",
 ]
@@ -360,7 +355,7 @@ class GradientSection(Section):
                 f"train_with_grad (got {sorted(options)})"
             )
         try:
-            _gradient_method(method, options)
+            gradient_method(method, options)
         except TypeError as e:  # an unknown option: pydantic reports only ValueError/AssertionError
             raise ValueError(str(e)) from None
         return options
@@ -587,46 +582,3 @@ def _path_errors(cfg: GenerationConfig, sections: set[str]) -> list[InitErrorDet
     ):
         out.append(config_error("tokenizer.checkpoint", str(cfg.tokenizer.checkpoint), "path does not exist"))
     return out
-
-
-# ---- builders: names in the config become deqgen objects here and nowhere else ----------------------------------
-
-
-def build_solver(name: str, options: Mapping[str, Any] | None = None) -> _solvers.Solver[Any]:
-    """A deqgen solver from its config name and options (``"anderson", {"m": 5}``).
-
-    Raises:
-        ValueError: an unknown name. TypeError: an option the solver does not take.
-    """
-    return _solvers.get(name, **dict(options or {}))
-
-
-def build_gradient(cfg: GenerationConfig, section: Any = None) -> _gradients.GradientMethod | None:
-    """The implicit block's training gradient; None for a VAR model. S-JFB takes its ranges from
-    ``model.implicit`` (or from ``section.implicit`` when building the baseline)."""
-    m = section or cfg.model
-    if m.implicit is None:
-        return None
-    return _gradient_method(cfg.gradient.method, cfg.gradient.options, m.implicit)
-
-
-def _gradient_method(
-    method: str, options: Mapping[str, Any], implicit: Any = None
-) -> _gradients.GradientMethod:
-    if method == "sjfb" and implicit is not None:
-        return _gradients.get("sjfb", no_grad=implicit.train_no_grad, with_grad=implicit.train_with_grad)
-    return _gradients.get(method, **dict(options))
-
-
-def build_solvers(cfg: GenerationConfig) -> tuple[_solvers.Solver[Any] | None, _solvers.Solver[Any] | None]:
-    """``(train_solver, eval_solver)``; None means the model's default (fixed-count Picard)."""
-    train, ev = cfg.solver.train, cfg.solver.eval
-    return (
-        None if train is None else build_solver(train.name, train.options),
-        None if ev is None else build_solver(ev.name, ev.options),
-    )
-
-
-def build_schedule(spec: str) -> Schedule:
-    """A per-scale iteration schedule from ``evaluation.schedule`` / ``sampling.schedule``."""
-    return parse_schedule(spec)

@@ -28,7 +28,8 @@ from deqgen.models.viar.sampling import generate
 from deqgen.models.viar.vqvae import MultiScaleVQVAE
 from deqgen.plots import matplotlib_available, new_figure, save_figure
 from deqgen.training.task import TrainResult
-from deqgen.training.tasks.generation.config import SamplingSection, build_schedule
+from deqgen.training.tasks.generation.builders import build_schedule
+from deqgen.training.tasks.generation.config import SamplingSection
 
 __all__ = ["sample_grid", "summarize"]
 

@@ -28,11 +28,10 @@ from deqgen.training.distributed import DistInfo, barrier, shared_seed
 from deqgen.training.metrics import progress_bar
 from deqgen.training.task import LoaderOptions, ModelRole, Randomness, StepOutput, TaskDefaults, TrainResult
 from deqgen.training.tasks.generation import summary
+from deqgen.training.tasks.generation.builders import build_gradient, build_solvers
 from deqgen.training.tasks.generation.checkpointing import checkpoint_explicit_blocks
 from deqgen.training.tasks.generation.config import (
     GenerationConfig,
-    build_gradient,
-    build_solvers,
     tokenizer_config,
     transformer_config,
 )

@@ -174,9 +174,6 @@ def _report(args: argparse.Namespace) -> int:
     from deqgen.evaluation.make_report import build_report
     from deqgen.evaluation.report import ReportError
 
-    if args.threads < 1:
-        print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
-        return 2
     torch.set_num_threads(args.threads)
     try:
         path = build_report(args.run_dir, args.out, quick=args.quick)

@@ -187,3 +187,7 @@ class TaskDefaults:
     def loader_options(self) -> LoaderOptions:
         """No worker processes, no pinning."""
         return LoaderOptions()
+
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """Nothing below the root is sharded on its own (small models)."""
+        return []

@@ -34,6 +34,7 @@ from deqgen.training.task import ModelRole, Randomness, StepOutput, TaskDefaults
 from deqgen.training.tasks.deq_options import (
     DEQSection,
     layer_options,
+    model_differences,
     plot_curves,
     regularized_loss,
     save_weights,
@@ -96,13 +97,7 @@ class ClassificationTask(TaskDefaults):
     @staticmethod
     def config_differences(saved: ClassificationConfig, current: ClassificationConfig) -> list[str]:
         """The model-shape fields that differ (a resumed run may change everything else)."""
-        if saved.model == current.model:
-            return []
-        return [
-            f"model.{k}: checkpoint {v!r}, run {getattr(current.model, k)!r}"
-            for k, v in vars(saved.model).items()
-            if getattr(current.model, k) != v
-        ]
+        return model_differences(saved, current)
 
     def roles(self) -> list[ModelRole]:
         """``model`` (exported as ``mdeq``), then ``baseline`` (``cnn``) when asked."""
@@ -115,10 +110,6 @@ class ClassificationTask(TaskDefaults):
     def dataset(self) -> Dataset[Any]:
         """``(image (1, S, S), label)`` rows."""
         return TensorDataset(self.train.images, self.train.labels)
-
-    def shard_units(self, model: nn.Module) -> list[nn.Module]:
-        """Nothing below the root (the models are small)."""
-        return []
 
     def loss(self, model: nn.Module, batch: Sequence[Tensor], rng: Randomness) -> StepOutput:
         """Cross-entropy (with fixed-point correction and Jacobian regularisation when asked), accuracy and

@@ -24,6 +24,7 @@ from deqgen.regularization import fp_correction, jac_reg
 from deqgen.training.schema import Section
 
 __all__ = [
+    "model_differences",
     "layer_options",
     "DEQSection",
     "GradientChoice",
@@ -118,6 +119,16 @@ def build_solvers(deq: DEQSection) -> tuple[_solvers.Solver[Any], _solvers.Solve
     train = _solvers.get(deq.train_solver.name, **dict(deq.train_solver.options))
     ev = deq.eval_solver or deq.train_solver
     return train, _solvers.get(ev.name, **dict(ev.options))
+
+
+def model_differences(saved: Any, current: Any) -> list[str]:
+    """``model.<field>: checkpoint X, run Y`` for every field of the ``model`` section that differs (a resumed
+    run may change everything else)."""
+    return [
+        f"model.{k}: checkpoint {v!r}, run {getattr(current.model, k)!r}"
+        for k, v in vars(saved.model).items()
+        if getattr(current.model, k) != v
+    ]
 
 
 def layer_options(deq: DEQSection) -> dict[str, Any]:

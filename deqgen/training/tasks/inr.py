@@ -38,6 +38,7 @@ from deqgen.training.task import ModelRole, Randomness, StepOutput, TaskDefaults
 from deqgen.training.tasks.deq_options import (
     DEQSection,
     layer_options,
+    model_differences,
     plot_curves,
     regularized_loss,
     save_weights,
@@ -120,11 +121,7 @@ class INRTask(TaskDefaults):
     @staticmethod
     def config_differences(saved: INRTaskConfig, current: INRTaskConfig) -> list[str]:
         """The model-shape fields that differ."""
-        return [
-            f"model.{k}: checkpoint {v!r}, run {getattr(current.model, k)!r}"
-            for k, v in vars(saved.model).items()
-            if getattr(current.model, k) != v
-        ]
+        return model_differences(saved, current)
 
     def roles(self) -> list[ModelRole]:
         """``model`` (exported as ``deq_inr``), then ``baseline`` (``mlp``) when asked."""
@@ -137,10 +134,6 @@ class INRTask(TaskDefaults):
     def dataset(self) -> Dataset[Any]:
         """``(coordinate (2,), rgb (3,), pixel index)`` rows."""
         return TensorDataset(self.coords, self.rgb, torch.arange(len(self.rgb)))
-
-    def shard_units(self, model: nn.Module) -> list[nn.Module]:
-        """Nothing below the root."""
-        return []
 
     def loss(self, model: nn.Module, batch: Sequence[Tensor], rng: Randomness) -> StepOutput:
         """Mean squared error (plus the regularisation terms), batch PSNR, and the solve's NFE."""

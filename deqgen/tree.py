@@ -173,8 +173,8 @@ def take(x: Any, rows: Tensor | None) -> Any:
     """
     if rows is None or x is None:
         return x
-    if isinstance(x, Tensor):
-        return x[rows]
+    if isinstance(x, Tensor):  # index_select is several times faster than x[rows] on CPU, same rows
+        return x[rows] if rows.dtype == torch.bool else x.index_select(0, rows)
     if isinstance(x, dict):
         return {k: take(v, rows) for k, v in x.items()}
     if isinstance(x, (tuple, list)):

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from deqgen.solvers.numerics import cast_to as _out
-from deqgen.solvers.numerics import combine, known_false, rowdot
-from deqgen.solvers.safeguards import Safeguarded, base_point, judge, next_length
+from deqgen.solvers.numerics import combine, known_false, known_true, rowdot
+from deqgen.solvers.safeguards import Safeguarded, base_point, judge, next_trial
 
 __all__ = ["Anderson", "AndersonState"]
 
@@ -34,6 +34,9 @@ class AndersonState:
         fails: ``(B,)`` int32, trials rejected in a row (see :mod:`deqgen.solvers.safeguards`).
         ptr: the ring slot written next (the same for every row).
         k: steps taken.
+        clean: known that every row's pending trial is a full step after no rejection (see
+            :func:`~deqgen.solvers.safeguards.next_trial`); lets the step skip the safeguard's passes.
+        full: known that every ring slot of every row is valid; lets the step skip the masking passes.
     """
 
     dG: Tensor
@@ -47,6 +50,8 @@ class AndersonState:
     fails: Tensor
     ptr: int = 0
     k: int = 0
+    clean: bool = True
+    full: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -134,57 +139,98 @@ class Anderson(Safeguarded[AndersonState]):
             nxt = dataclasses.replace(s, x_prev=x, g_prev=gw, res_prev=res, k=1)
             return (z + beta * g if beta != 1.0 else fz), nxt
 
-        finite, reject = judge(res, s.res_prev, s.t, 1.0, s.fails, self.reject_ratio, self.max_backtracks)
-        base_x, base_g, base_res = base_point(reject, (x, gw, res), (s.x_prev, s.g_prev, s.res_prev))
-        valid, H = self._record(s, x, gw, finite)
-        gamma, valid = self._coefficients(s, H, valid, base_g)
+        finite, reject = judge(
+            res, s.res_prev, s.t, 1.0, s.fails, self.reject_ratio, self.max_backtracks, clean=s.clean
+        )
+        accepted = known_false(reject)  # CPU: no row rejected, so every trial is finite and is the new base
+        trial = (x, gw, res)
+        base_x, base_g, base_res = (
+            trial if accepted else base_point(reject, trial, (s.x_prev, s.g_prev, s.res_prev))
+        )
+        valid, full = self._record(s, x, gw, finite, accepted)
+        gamma, valid, full = self._coefficients(s, valid, full, base_g)
 
-        # x_next = x_base + t (beta g_base - C^T gamma); t = 1 (every row, known on CPU) skips one pass and
-        # gives the same bits, so a row's trajectory does not depend on its batch
-        t = next_length(s.t, reject, 1.0, self.shrink)
+        # x_next = x_base + t (beta g_base - C^T gamma); with every row at t = 1 (known on CPU) the step skips
+        # the passes that apply t and gives the same bits, so a row's trajectory does not depend on its batch
+        t, fails, clean = next_trial(s.t, s.fails, reject, accepted, s.clean, 1.0, self.shrink)
         Cg = combine(gamma, s.C)
-        if not known_false(reject):
-            Cg.mul_(t[:, None])
-        x_next = torch.addcmul(base_x, t[:, None] * beta, base_g).sub_(Cg)
-        fails = torch.where(reject, s.fails + 1, 0)
+        if accepted and beta == 1.0:
+            x_next = torch.add(base_x, base_g).sub_(Cg)
+        else:
+            if not accepted:
+                Cg.mul_(t[:, None])
+            x_next = torch.addcmul(base_x, t[:, None] * beta, base_g).sub_(Cg)
         nxt = AndersonState(
-            s.dG, s.C, H, valid, base_x, base_g, base_res, t, fails, ptr=(s.ptr + 1) % self.m, k=s.k + 1
+            s.dG,
+            s.C,
+            s.H,
+            valid,
+            base_x,
+            base_g,
+            base_res,
+            t,
+            fails,
+            (s.ptr + 1) % self.m,
+            s.k + 1,
+            clean,
+            full,
         )
         return _out(x_next, z.dtype), nxt
 
-    def _record(self, s: AndersonState, x: Tensor, g: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
+    def _record(
+        self, s: AndersonState, x: Tensor, g: Tensor, finite: Tensor, accepted: bool
+    ) -> tuple[Tensor, bool]:
         """Write the trial's difference pair to ring slot ``ptr`` (in place) and its row/column of the Gram
-        matrix; a NaN/Inf trial's slot is left empty. Returns ``(valid, H)``. ``H`` stays "clean": rows and
-        columns of unused slots are zero, so the solve needs no masking."""
+        matrix ``s.H``; a NaN/Inf trial's slot is left empty. Returns ``(valid, full)``. ``H`` stays "clean":
+        rows and columns of unused slots are zero, so the solve needs no masking."""
         p = s.ptr
         dg = torch.sub(g, s.g_prev, out=s.dG[:, p])
         torch.sub(x, s.x_prev, out=s.C[:, p]).add_(dg, alpha=self.beta)
-        if not known_false(~finite):  # a NaN/Inf trial carries no secant information
+        if not accepted and not known_false(~finite):  # a NaN/Inf trial carries no secant information
             s.dG[:, p] = torch.where(finite[:, None], dg, 0.0)
             s.C[:, p] = torch.where(finite[:, None], s.C[:, p], 0.0)
-        valid = s.valid.clone()
-        valid[:, p] = finite
-        h = rowdot(s.dG, s.dG[:, p]).double().mul_(valid.double())  # (B, m), zero against unused slots
+        if s.full and accepted:  # slot p was valid everywhere and stays so
+            valid, full = s.valid, True
+        else:
+            valid = s.valid.clone()
+            valid[:, p] = finite
+            full = s.k >= self.m and known_true(valid)  # every slot written at least once, all finite
+        h = rowdot(s.dG, s.dG[:, p]).double()  # (B, m)
+        if not full:
+            h.mul_(valid.double())  # zero against unused slots
         s.H[:, p, :] = h
         s.H[:, :, p] = h
-        return valid, s.H
+        return valid, full
 
-    def _coefficients(self, s: AndersonState, H: Tensor, valid: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    def _coefficients(
+        self, s: AndersonState, valid: Tensor, full: bool, g: Tensor
+    ) -> tuple[Tensor, Tensor, bool]:
         """``gamma: (B, m)`` from the ridge-regularised least squares on the trace-normalised Gram matrix
         (scale-free), per sample, by float64 Cholesky without host sync; unused slots get a unit diagonal
         and a zero right-hand side. A sample whose system is ill-conditioned (or fails) drops all but its newest
-        difference, whose one-term fit is exact. Returns ``(gamma, valid)``."""
-        vf = valid.double()
+        difference, whose one-term fit is exact. Returns ``(gamma, valid, full)``."""
+        H = s.H
         tr = torch.diagonal(H, dim1=-2, dim2=-1).sum(-1, keepdim=True).clamp_min(_TINY)  # (B, 1)
-        A = torch.diag_embed(vf.mul(self.lam - 1.0).add_(1.0)).addcdiv_(H, tr.unsqueeze(-1))  # diag: lam or 1
-        rhs = rowdot(s.dG, g).double().mul_(vf).div_(tr)
+        rhs = rowdot(s.dG, g).double()
+        if full:  # every slot valid: the diagonal is lam (computed as below, for the same bits)
+            diag = torch.full_like(tr, (self.lam - 1.0) + 1.0).expand(-1, self.m)
+        else:
+            vf = valid.double()
+            diag = vf.mul(self.lam - 1.0).add_(1.0)  # lam on used slots, 1 on unused ones
+            rhs.mul_(vf)
+        A = torch.diag_embed(diag).addcdiv_(H, tr.unsqueeze(-1))
+        rhs.div_(tr)
         L, info = torch.linalg.cholesky_ex(A)
         gamma = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
-        pivot = torch.diagonal(L, dim1=-2, dim2=-1).amin(-1).square()  # 1 / condition estimate
+        pivots = torch.diagonal(L, dim1=-2, dim2=-1)
+        if _known_well_conditioned(pivots, info, self.restart_cond):
+            return gamma.to(s.dG.dtype), valid, full
+        pivot = pivots.amin(-1).square()  # 1 / condition estimate
         good = (pivot * self.restart_cond > 1.0) & (info == 0)  # NaN pivots fail the test too
         if known_false(~good):
-            return gamma.to(s.dG.dtype), valid
-        return self._keep_newest(s, H, valid, rhs * tr, good[:, None], gamma)
+            return gamma.to(s.dG.dtype), valid, full
+        gamma, valid = self._keep_newest(s, H, valid, rhs * tr, good[:, None], gamma)
+        return gamma, valid, False
 
     def _keep_newest(
         self, s: AndersonState, H: Tensor, valid: Tensor, dGg: Tensor, good: Tensor, gamma: Tensor
@@ -201,3 +247,12 @@ class Anderson(Safeguarded[AndersonState]):
         single[:, p] = dGg[:, p] / (hpp * (1 + self.lam)).clamp_min(_TINY)
         single = torch.where(newest, single, 0.0)
         return torch.where(good, gamma, single).to(s.dG.dtype), torch.where(good, valid, newest)
+
+
+def _known_well_conditioned(pivots: Tensor, info: Tensor, restart_cond: float) -> bool:
+    """True when, known on CPU, every row's Cholesky succeeded and its smallest pivot passes the restart test
+    (the row-wise test below, decided by one reduction over all rows); False ("not known") elsewhere."""
+    if pivots.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    lo = float(pivots.amin())  # NaN fails the comparison
+    return lo * lo * restart_cond > 1.0 and not bool(info.any())

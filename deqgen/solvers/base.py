@@ -142,7 +142,7 @@ def take_rows(state: StateT, keep: Tensor) -> StateT:
     if state is None:
         return state
     changes = {
-        f.name: getattr(state, f.name)[keep]
+        f.name: getattr(state, f.name).index_select(0, keep)
         for f in dataclasses.fields(state)  # type: ignore[arg-type]
         if isinstance(getattr(state, f.name), Tensor)
     }
@@ -224,7 +224,7 @@ class _Loop:
         fz = self.problem.evaluate(zin.view(shape), k, rows, x_rows)
         fz = _checked_output(fz, shape, zin.dtype, k).reshape(shape[0], -1)
         self.rows_evaluated += shape[0]
-        return fz[orig] if z_full is not None and orig is not None else fz
+        return fz.index_select(0, orig) if z_full is not None and orig is not None else fz
 
     def record(self, res_abs: Tensor, res_rel: Tensor, live: Tensor | None, orig: Tensor) -> None:
         if self.want_trace:
@@ -238,14 +238,15 @@ class _Loop:
         Returns the indices of the rows that go on, or None when none do."""
         dev = rows.z.device
         done = (~live_host).nonzero().squeeze(1).to(dev, non_blocking=True)
-        at, best_abs, best_rel = rows.orig[done], rows.best_abs[done], rows.best_rel[done]
+        at, best_abs, best_rel = (t.index_select(0, done) for t in (rows.orig, rows.best_abs, rows.best_rel))
         met = self.stop_rule(best_abs, best_rel)
         status = torch.where(met, int(Status.CONVERGED), int(Status.NON_FINITE))
-        out.write(at, rows.best_z[done], best_abs, best_rel, status, rows.nfe[done] if nfe is None else nfe)
+        nfe_done = rows.nfe.index_select(0, done) if nfe is None else nfe
+        out.write(at, rows.best_z.index_select(0, done), best_abs, best_rel, status, nfe_done)
         if done.numel() == rows.z.shape[0]:
             return None
         if z_full is not None:  # f sees all B rows: the frozen ones keep their last values
-            z_full.index_copy_(0, at, rows.z[done])
+            z_full.index_copy_(0, at, rows.z.index_select(0, done))
         return live_host.nonzero().squeeze(1).to(dev, non_blocking=True)
 
     def solution(self, out: Outputs, iterations: int) -> Solution:
@@ -283,7 +284,7 @@ class _Loop:
         # Between host checks, finished rows are frozen on the device by a mask (and nfe is counted per row).
         # With a check every iteration they are dropped before the next step: no mask, and nfe = k + 1.
         masked = solver.check_every > 1
-        rows = Rows.start(self.z, self.rdtype)
+        rows = Rows.start(self.z, self.rdtype, masked)
         x_rows = problem.x
         z_full = None if problem.separable else self.z.clone()
         state = solver.init(self.z)
@@ -305,9 +306,9 @@ class _Loop:
                     if keep is None:
                         return self.solution(out, k + 1)
                     rows, state = rows.take(keep), take_rows(state, keep)
-                    fz, g, res_abs = fz[keep], g[keep], res_abs[keep]
+                    fz, g, res_abs = (t.index_select(0, keep) for t in (fz, g, res_abs))
                     if problem.separable and isinstance(problem.x, Tensor):
-                        x_rows = problem.x[rows.orig]
+                        x_rows = problem.x.index_select(0, rows.orig)
             if k + 1 == solver.max_iter:
                 break  # no step after the last evaluation: the best evaluated iterate is returned
             z_next, state = solver.step(state, rows.z, fz, g, res_abs)

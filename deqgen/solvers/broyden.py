@@ -11,7 +11,7 @@ from torch import Tensor
 from deqgen.solvers.base import check_int
 from deqgen.solvers.numerics import cast_to as _out
 from deqgen.solvers.numerics import combine, known_false, rowdot
-from deqgen.solvers.safeguards import Safeguarded, base_point, judge, next_length
+from deqgen.solvers.safeguards import Safeguarded, base_point, judge, next_trial
 
 __all__ = ["Broyden", "BroydenState"]
 
@@ -31,6 +31,8 @@ class BroydenState:
         t: ``(B,)`` the step length of the pending trial ``x_prev - t * Jg_prev``.
         fails: ``(B,)`` int32, trials rejected in a row (see :mod:`deqgen.solvers.safeguards`).
         ptr: slot written next (the same for every row); k: steps taken.
+        clean: known that every row's pending trial is a full step after no rejection (see
+            :func:`~deqgen.solvers.safeguards.next_trial`); lets the step skip the safeguard's passes.
     """
 
     U: Tensor
@@ -44,6 +46,7 @@ class BroydenState:
     fails: Tensor
     ptr: int = 0
     k: int = 0
+    clean: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -123,8 +126,14 @@ class Broyden(Safeguarded[BroydenState]):
             nxt = dataclasses.replace(s, x_prev=x, g_prev=gw, res_prev=res, Jg_prev=-gw, k=1)
             return _out(x + a * gw, z.dtype), nxt
 
-        finite, reject = judge(res, s.res_prev, s.t, a, s.fails, self.reject_ratio, self.max_backtracks)
-        base_x, base_g, base_res = base_point(reject, (x, gw, res), (s.x_prev, s.g_prev, s.res_prev))
+        finite, reject = judge(
+            res, s.res_prev, s.t, a, s.fails, self.reject_ratio, self.max_backtracks, clean=s.clean
+        )
+        accepted = known_false(reject)  # CPU: no row rejected, so every trial is finite and is the new base
+        trial = (x, gw, res)
+        base_x, base_g, base_res = (
+            trial if accepted else base_point(reject, trial, (s.x_prev, s.g_prev, s.res_prev))
+        )
 
         # The pairs in use are the stack U[:, :p], V[:, :p]; when it is full the model restarts from -I (as
         # scipy's broyden1 with reduction_method="restart"), which keeps every pair consistent with the model it
@@ -146,10 +155,10 @@ class Broyden(Safeguarded[BroydenState]):
         s.valid[:, p] = ok
         s.valid[:, p + 1 :] = False
         # Newton-like step from the base with the updated model: -J^-1 g = -(M g + u (v . g)).
-        Jg_base = Jg if known_false(reject) else torch.where(reject[:, None], Mg_prev, Jg)
+        Jg_base = Jg if accepted else torch.where(reject[:, None], Mg_prev, Jg)
         Jg_new = torch.addcmul(Jg_base, u, (v * base_g).sum(-1, keepdim=True))
-        t = next_length(s.t, reject, a, self.shrink)
-        x_next = base_x - a * Jg_new if known_false(reject) else base_x - t[:, None] * Jg_new
+        t, fails, clean = next_trial(s.t, s.fails, reject, accepted, s.clean, a, self.shrink)
+        x_next = base_x - a * Jg_new if accepted else base_x - t[:, None] * Jg_new
         nxt = dataclasses.replace(
             s,
             x_prev=base_x,
@@ -157,9 +166,10 @@ class Broyden(Safeguarded[BroydenState]):
             res_prev=base_res,
             Jg_prev=Jg_new,
             t=t,
-            fails=torch.where(reject, s.fails + 1, 0),
+            fails=fails,
             ptr=p + 1,
             k=s.k + 1,
+            clean=clean,
         )
         return _out(x_next, z.dtype), nxt
 

@@ -54,14 +54,13 @@ def _rescaled(v: Tensor, n: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(suspect & fine, scaled, n)
 
 
-def _known_in_range(n: Tensor, dtype: torch.dtype) -> bool:
-    """True when no plain l2 norm in ``n`` needs :func:`_rescaled` (none infinite, none tiny), decided in one
-    pass on CPU; False ("not known") on other devices, while ``torch.compile`` traces, or when a norm is NaN."""
+def _known_within(n: Tensor, low: float) -> bool:
+    """True when every entry of ``n`` is known to lie in ``[low, inf)``, decided by one reduction and two host
+    reads on CPU; False ("not known") on other devices, while ``torch.compile`` traces, or when one is NaN."""
     if n.device.type != "cpu" or torch.compiler.is_compiling():
         return False
-    info = torch.finfo(dtype)
     lo, hi = torch.aminmax(n)
-    return bool(lo >= math.sqrt(info.tiny) / info.eps) and bool(hi < math.inf)
+    return float(lo) >= low and float(hi) < math.inf
 
 
 def residual_norms(g: Tensor, fz: Tensor, ord: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,10 +79,16 @@ def residual_norms(g: Tensor, fz: Tensor, ord: float, dtype: torch.dtype) -> tup
     """
     abs_ = torch.linalg.vector_norm(g, ord=ord, dim=1, dtype=dtype)
     fz_norm = torch.linalg.vector_norm(fz, ord=ord, dim=1, dtype=dtype)
-    if ord != math.inf and not _known_in_range(torch.stack((abs_, fz_norm)), dtype):
+    info = torch.finfo(dtype)
+    # CPU shortcut: when every norm is finite and far from underflow (no l2 norm needs rescaling, no division
+    # by a tiny norm) the general path below reduces to one division, bit for bit
+    low = math.sqrt(info.tiny) / info.eps if ord != math.inf else info.tiny
+    if _known_within(torch.stack((abs_, fz_norm)), low):
+        return abs_, abs_ / fz_norm, torch.ones_like(abs_, dtype=torch.bool)
+    if ord != math.inf:
         abs_, fz_norm = _rescaled(g, abs_, dtype), _rescaled(fz, fz_norm, dtype)
     nan_off = fz_norm - fz_norm  # 0 where ||f(z)|| is finite, NaN where it is not
-    rel = torch.addcdiv(nan_off, abs_, fz_norm.clamp_min(torch.finfo(dtype).tiny))
+    rel = torch.addcdiv(nan_off, abs_, fz_norm.clamp_min(info.tiny))
     return abs_, rel, torch.isfinite(abs_ + nan_off)
 
 

@@ -24,9 +24,8 @@ import torch
 from torch import Tensor
 
 from deqgen.solvers.base import Solver, check_int
-from deqgen.solvers.numerics import known_false
 
-__all__ = ["ARMIJO_C", "Safeguarded", "base_point", "judge", "next_length"]
+__all__ = ["ARMIJO_C", "Safeguarded", "base_point", "judge", "next_trial"]
 
 ARMIJO_C = 1e-4
 """The sufficient-decrease constant ``c`` of the Armijo test (Nocedal & Wright, 2nd ed., section 3.1)."""
@@ -75,6 +74,7 @@ def judge(
     fails: Tensor,
     reject_ratio: float,
     max_backtracks: int,
+    clean: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Decide per row whether the trial replaces the base.
 
@@ -86,11 +86,15 @@ def judge(
         fails: ``(B,)`` int, rejections in a row so far.
         reject_ratio: the non-monotone bound for a full step (``inf`` accepts every finite full step).
         max_backtracks: accept a finite trial after this many rejections in a row.
+        clean: known that every row's trial is a full step after no rejection (``t == t_full``,
+            ``fails == 0``, see :func:`next_trial`), which skips the backtracking terms.
 
     Returns:
         ``(finite, reject)``, ``(B,)`` bool each.
     """
     finite = torch.isfinite(res)
+    if clean:  # the same test with every row on its first trial along a fresh direction
+        return finite, (~finite | (res > reject_ratio * res_base)) if max_backtracks > 0 else ~finite
     backtracking = t < t_full
     bound = torch.where(backtracking, (1 - ARMIJO_C * t) * res_base, reject_ratio * res_base)
     reject = ~finite | ((res > bound) & (fails < max_backtracks))
@@ -102,11 +106,9 @@ def base_point(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(x, g, res)`` the next trial starts from: the trial where accepted, the old base where rejected.
 
-    ``trial`` and ``base`` are ``(x: (B, D), g: (B, D), res: (B,))``. When no row rejected (known for free on
-    CPU) the trial is returned without a pass over the rows.
+    ``trial`` and ``base`` are ``(x: (B, D), g: (B, D), res: (B,))``. (Callers that know no row rejected take
+    the trial without calling this.)
     """
-    if known_false(reject):
-        return trial
     col = reject[:, None]
     return (
         torch.where(col, base[0], trial[0]),
@@ -115,6 +117,15 @@ def base_point(
     )
 
 
-def next_length(t: Tensor, reject: Tensor, t_full: float, shrink: float) -> Tensor:
-    """``(B,)`` step length of the next trial: full after an accepted trial, ``shrink * t`` after a rejection."""
-    return torch.where(reject, t * shrink, t_full)
+def next_trial(
+    t: Tensor, fails: Tensor, reject: Tensor, accepted: bool, clean: bool, t_full: float, shrink: float
+) -> tuple[Tensor, Tensor, bool]:
+    """The next trial's ``(t, fails, clean)``: step length ``(B,)`` (full after an accepted trial, ``shrink *
+    t`` after a rejection), rejections in a row ``(B,)``, and whether every row is known to be on a full step
+    after no rejection. ``accepted``: known that no row rejected (see
+    :func:`~deqgen.solvers.numerics.known_false`); ``clean``: the current trial's flag."""
+    if accepted:
+        if clean:  # t and fails already hold t_full and 0
+            return t, fails, True
+        return torch.full_like(t, t_full), torch.zeros_like(fails), True
+    return torch.where(reject, t * shrink, t_full), torch.where(reject, fails + 1, 0), False

@@ -250,8 +250,8 @@ class _Loop:
         return live_host.nonzero().squeeze(1).to(dev, non_blocking=True)
 
     def solution(self, out: Outputs, iterations: int) -> Solution:
-        z = self.problem.unpack(out.z.reshape(self.problem.z0.shape).to(self.problem.z0.dtype))
-        stats = out.stats(iterations, self.rows_evaluated, self.traces)
+        z_flat, stats = out.finish(iterations, self.rows_evaluated, self.traces)
+        z = self.problem.unpack(z_flat.reshape(self.problem.z0.shape).to(self.problem.z0.dtype))
         return Solution(z=z, stats=stats)  # type: ignore[arg-type]
 
     def run_budget(self) -> Solution:

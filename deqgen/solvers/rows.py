@@ -80,42 +80,58 @@ class Rows:
 
 
 class Outputs:
-    """Full-batch buffers that finished rows are written into, ``(B, ...)`` each."""
+    """The full-batch results, ``(B, ...)`` each, assembled from the rows as they finish.
+
+    Finished rows are collected as they are written and scattered into the buffers once, by :meth:`finish`:
+    one scatter per buffer per solve instead of one per host check that retires rows.
+    """
 
     def __init__(self, z: Tensor, res_dtype: torch.dtype) -> None:
-        B = z.shape[0]
-        self.z = torch.empty_like(z)
-        self.abs = torch.full((B,), math.nan, dtype=res_dtype, device=z.device)
-        self.rel = torch.full((B,), math.nan, dtype=res_dtype, device=z.device)
-        self.status = torch.full((B,), int(Status.MAX_ITER), dtype=torch.int8, device=z.device)
-        self.nfe = torch.zeros(B, dtype=torch.int64, device=z.device)
+        self.template, self.res_dtype = z, res_dtype
+        self.parts: list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | int]] = []
 
     def write(
         self, at: Tensor, z: Tensor, abs_: Tensor, rel: Tensor, status: Tensor, nfe: Tensor | int
     ) -> None:
         """Rows ``at: (n,)`` of every buffer; ``nfe`` one count for all of them or ``(n,)``."""
-        self.z.index_copy_(0, at, z)
-        self.abs.index_copy_(0, at, abs_)
-        self.rel.index_copy_(0, at, rel)
-        self.status.index_copy_(0, at, status.to(torch.int8))
-        if isinstance(nfe, int):
-            self.nfe.index_fill_(0, at, nfe)
-        else:
-            self.nfe.index_copy_(0, at, nfe)
+        self.parts.append((at, z, abs_, rel, status, nfe))
 
-    def stats(self, iterations: int, rows_evaluated: int, traces: list[tuple[Tensor, Tensor]]) -> SolverStats:
-        """The per-sample statistics of the finished solve; ``traces`` (one ``(abs, rel)`` pair of ``(B,)``
-        rows per iteration) are stacked into ``(K, B)`` traces when recorded."""
-        return SolverStats(
-            status=self.status,
-            nfe=self.nfe,
-            abs_residual=self.abs,
-            rel_residual=self.rel,
+    def finish(
+        self, iterations: int, rows_evaluated: int, traces: list[tuple[Tensor, Tensor]]
+    ) -> tuple[Tensor, SolverStats]:
+        """The returned iterates ``(B, D)`` and the per-sample statistics of the finished solve; ``traces`` (one
+        ``(abs, rel)`` pair of ``(B,)`` rows per iteration) are stacked into ``(K, B)`` traces when recorded.
+        A row never written (the loop writes every row) would keep NaN residuals, status MAX_ITER and nfe 0."""
+        B, dev = self.template.shape[0], self.template.device
+        z = torch.empty_like(self.template)
+        abs_ = torch.full((B,), math.nan, dtype=self.res_dtype, device=dev)
+        rel = torch.full((B,), math.nan, dtype=self.res_dtype, device=dev)
+        status = torch.full((B,), int(Status.MAX_ITER), dtype=torch.int8, device=dev)
+        nfe = torch.zeros(B, dtype=torch.int64, device=dev)
+        if self.parts:
+            at = torch.cat([p[0] for p in self.parts])
+            z.index_copy_(0, at, torch.cat([p[1] for p in self.parts]))
+            abs_.index_copy_(0, at, torch.cat([p[2] for p in self.parts]))
+            rel.index_copy_(0, at, torch.cat([p[3] for p in self.parts]))
+            status.index_copy_(0, at, torch.cat([p[4] for p in self.parts]).to(torch.int8))
+            if all(isinstance(p[5], int) for p in self.parts):  # one count per write: build them on the host
+                counts = torch.tensor([p[5] for p in self.parts for _ in range(p[0].numel())], device=dev)
+            else:
+                counts = torch.cat(
+                    [torch.as_tensor(p[5], device=dev).expand(p[0].numel()) for p in self.parts]
+                )
+            nfe.index_copy_(0, at, counts.to(torch.int64))
+        stats = SolverStats(
+            status=status,
+            nfe=nfe,
+            abs_residual=abs_,
+            rel_residual=rel,
             iterations=iterations,
             rows_evaluated=rows_evaluated,
             abs_trace=torch.stack([t[0] for t in traces]) if traces else None,
             rel_trace=torch.stack([t[1] for t in traces]) if traces else None,
         )
+        return z, stats
 
 
 def track_best(

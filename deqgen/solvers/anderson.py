@@ -139,15 +139,16 @@ class Anderson(Safeguarded[AndersonState]):
             nxt = dataclasses.replace(s, x_prev=x, g_prev=gw, res_prev=res, k=1)
             return (z + beta * g if beta != 1.0 else fz), nxt
 
-        finite, reject = judge(
+        reject = judge(
             res, s.res_prev, s.t, 1.0, s.fails, self.reject_ratio, self.max_backtracks, clean=s.clean
         )
         accepted = known_false(reject)  # CPU: no row rejected, so every trial is finite and is the new base
+        finite = None if accepted else torch.isfinite(res)
         trial = (x, gw, res)
         base_x, base_g, base_res = (
             trial if accepted else base_point(reject, trial, (s.x_prev, s.g_prev, s.res_prev))
         )
-        valid, full = self._record(s, x, gw, finite, accepted)
+        valid, full = self._record(s, x, gw, finite)
         gamma, valid, full = self._coefficients(s, valid, full, base_g)
 
         # x_next = x_base + t (beta g_base - C^T gamma); with every row at t = 1 (known on CPU) the step skips
@@ -177,23 +178,22 @@ class Anderson(Safeguarded[AndersonState]):
         )
         return _out(x_next, z.dtype), nxt
 
-    def _record(
-        self, s: AndersonState, x: Tensor, g: Tensor, finite: Tensor, accepted: bool
-    ) -> tuple[Tensor, bool]:
+    def _record(self, s: AndersonState, x: Tensor, g: Tensor, finite: Tensor | None) -> tuple[Tensor, bool]:
         """Write the trial's difference pair to ring slot ``ptr`` (in place) and its row/column of the Gram
-        matrix ``s.H``; a NaN/Inf trial's slot is left empty. Returns ``(valid, full)``. ``H`` stays "clean":
+        matrix ``s.H``; a NaN/Inf trial's slot is left empty (``finite`` None: every trial is known to be finite
+        and accepted). Returns ``(valid, full)``. ``H`` stays "clean":
         rows and columns of unused slots are zero, so the solve needs no masking."""
         p = s.ptr
         dg = torch.sub(g, s.g_prev, out=s.dG[:, p])
         torch.sub(x, s.x_prev, out=s.C[:, p]).add_(dg, alpha=self.beta)
-        if not accepted and not known_false(~finite):  # a NaN/Inf trial carries no secant information
+        if finite is not None and not known_false(~finite):  # a NaN/Inf trial carries no secant information
             s.dG[:, p] = torch.where(finite[:, None], dg, 0.0)
             s.C[:, p] = torch.where(finite[:, None], s.C[:, p], 0.0)
-        if s.full and accepted:  # slot p was valid everywhere and stays so
+        if s.full and finite is None:  # slot p was valid everywhere and stays so
             valid, full = s.valid, True
         else:
             valid = s.valid.clone()
-            valid[:, p] = finite
+            valid[:, p] = True if finite is None else finite
             full = s.k >= self.m and known_true(valid)  # every slot written at least once, all finite
         h = rowdot(s.dG, s.dG[:, p]).double()  # (B, m)
         if not full:

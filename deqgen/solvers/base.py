@@ -196,9 +196,10 @@ class _Loop:
         self.traces: list[tuple[Tensor, Tensor]] = []
         self.rows_evaluated = 0
 
-    def residuals(self, fz: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``g = f(z) - z``, its absolute and relative norms, and the ``(n,)`` mask of finite residuals (a
-        finite ``f(z) = 0`` has ``rel = +inf``, which is no reason to stop)."""
+    def residuals(self, fz: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``g = f(z) - z``, its absolute and relative norms, and the ``(n,)`` mask of finite residuals, None
+        when every one is known to be finite (a finite ``f(z) = 0`` has ``rel = +inf``, which is no reason to
+        stop)."""
         g = fz - z
         return g, *residual_norms(g, fz, self.ord, self.rdtype)
 
@@ -270,7 +271,7 @@ class _Loop:
             nfe += live
             last_abs = torch.where(live, res_abs, last_abs)
             last_rel = torch.where(live, res_rel, last_rel)
-            live = live & finite
+            live = live if finite is None else live & finite
             z_next, state = solver.step(state, z, fz, g, res_abs)
             z = torch.where(live[:, None], z_next, z)
         out = Outputs(z, self.rdtype)
@@ -297,7 +298,8 @@ class _Loop:
                 rows.nfe += rows.live
             converged = self.stop_rule(res_abs, res_rel)
             track_best(rows, k, res_abs, res_rel, finite, converged, solver.stop_mode == "rel", masked)
-            running = ~converged & survives(rows, finite, k, solver.non_finite_retries)
+            going = survives(rows, finite, k, solver.non_finite_retries)
+            running = ~converged if going is None else ~converged & going
             rows.live = (rows.live & running) if masked else running
             if (k + 1) % solver.check_every == 0 or k + 1 == solver.max_iter:
                 live_host = rows.live.cpu()  # the host check: the only synchronisation of the iteration

@@ -126,10 +126,11 @@ class Broyden(Safeguarded[BroydenState]):
             nxt = dataclasses.replace(s, x_prev=x, g_prev=gw, res_prev=res, Jg_prev=-gw, k=1)
             return _out(x + a * gw, z.dtype), nxt
 
-        finite, reject = judge(
+        reject = judge(
             res, s.res_prev, s.t, a, s.fails, self.reject_ratio, self.max_backtracks, clean=s.clean
         )
         accepted = known_false(reject)  # CPU: no row rejected, so every trial is finite and is the new base
+        finite = None if accepted else torch.isfinite(res)
         trial = (x, gw, res)
         base_x, base_g, base_res = (
             trial if accepted else base_point(reject, trial, (s.x_prev, s.g_prev, s.res_prev))
@@ -174,11 +175,14 @@ class Broyden(Safeguarded[BroydenState]):
         return _out(x_next, z.dtype), nxt
 
 
-def _rank_one(dx: Tensor, dg: Tensor, Jdg: Tensor, v: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
+def _rank_one(dx: Tensor, dg: Tensor, Jdg: Tensor, v: Tensor, finite: Tensor | None) -> tuple[Tensor, Tensor]:
     """The good-Broyden factor ``u = (dx - M dg) / (v . dg)``, ``(B, D)``, and ``ok: (B,)``: the trial was
-    finite and ``|v . dg| > 1e-12 ||v|| ||dg||`` (a guarded division)."""
+    finite (``finite`` None: known for every row) and ``|v . dg| > 1e-12 ||v|| ||dg||`` (a guarded
+    division)."""
     denom = (v * dg).sum(-1)
     scale = torch.linalg.vector_norm(v, dim=-1) * torch.linalg.vector_norm(dg, dim=-1)
-    ok = (denom.abs() > 1e-12 * scale) & torch.isfinite(denom) & finite
+    ok = (denom.abs() > 1e-12 * scale) & torch.isfinite(denom)
+    if finite is not None:
+        ok = ok & finite
     u = (dx - Jdg) / torch.where(ok, denom, 1.0)[:, None]
     return u, ok & torch.isfinite(u).all(-1)

@@ -63,7 +63,9 @@ def _known_within(n: Tensor, low: float) -> bool:
     return float(lo) >= low and float(hi) < math.inf
 
 
-def residual_norms(g: Tensor, fz: Tensor, ord: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def residual_norms(
+    g: Tensor, fz: Tensor, ord: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Absolute and relative residuals ``||g||`` and ``||g|| / ||f(z)||`` per row, and which rows are finite.
 
     Args:
@@ -75,7 +77,8 @@ def residual_norms(g: Tensor, fz: Tensor, ord: float, dtype: torch.dtype) -> tup
     Returns:
         ``(abs, rel, finite)``, ``(B,)`` each (``finite`` bool). ``rel`` is NaN where ``||f(z)||`` is not
         finite (a finite residual over an infinite norm would read as 0, i.e. "converged"), and ``+inf`` where
-        ``f(z) = 0`` but ``g != 0``. ``finite``: ``abs`` is finite and ``rel`` is not NaN.
+        ``f(z) = 0`` but ``g != 0``. ``finite``: ``abs`` is finite and ``rel`` is not NaN; None when that is
+        known for every row (on CPU, see :func:`known_true`).
     """
     abs_ = torch.linalg.vector_norm(g, ord=ord, dim=1, dtype=dtype)
     fz_norm = torch.linalg.vector_norm(fz, ord=ord, dim=1, dtype=dtype)
@@ -84,7 +87,7 @@ def residual_norms(g: Tensor, fz: Tensor, ord: float, dtype: torch.dtype) -> tup
     # by a tiny norm) the general path below reduces to one division, bit for bit
     low = math.sqrt(info.tiny) / info.eps if ord != math.inf else info.tiny
     if _known_within(torch.stack((abs_, fz_norm)), low):
-        return abs_, abs_ / fz_norm, torch.ones_like(abs_, dtype=torch.bool)
+        return abs_, abs_ / fz_norm, None
     if ord != math.inf:
         abs_, fz_norm = _rescaled(g, abs_, dtype), _rescaled(fz, fz_norm, dtype)
     nan_off = fz_norm - fz_norm  # 0 where ||f(z)|| is finite, NaN where it is not

@@ -139,16 +139,19 @@ def track_best(
     k: int,
     res_abs: Tensor,
     res_rel: Tensor,
-    finite: Tensor,
+    finite: Tensor | None,
     converged: Tensor,
     rel: bool,
     masked: bool,
 ) -> None:
     """Keep each row's best iterate (see :func:`~deqgen.solvers.base.run`); the start and a converged iterate
-    always count. When every row improved (known for free on CPU) the best iterate aliases the current one."""
+    always count. When every row improved (known for free on CPU) the best iterate aliases the current one.
+    ``finite`` None: every residual is known to be finite."""
     if k == 0:
-        rows.start_abs = torch.where(finite, res_abs, math.inf)
-        improved = finite
+        if finite is None:
+            rows.start_abs, improved = res_abs, torch.ones_like(converged)
+        else:
+            rows.start_abs, improved = torch.where(finite, res_abs, math.inf), finite
     elif rel:  # lowest rel among iterates no worse than the start in abs: rel alone is scale-dependent
         improved = converged | ((res_rel < rows.best_rel) & (res_abs <= rows.start_abs))
     else:
@@ -163,14 +166,16 @@ def track_best(
     rows.best_z = torch.where(improved[:, None], rows.z, rows.best_z)
 
 
-def survives(rows: Rows, finite: Tensor, k: int, retries: int) -> Tensor:
-    """``(n,)`` bool: the row may go on. A non-finite residual ends it unless the solver backs off from it
-    (at most ``retries`` times in a row, never at the start, where there is nothing to go back to)."""
+def survives(rows: Rows, finite: Tensor | None, k: int, retries: int) -> Tensor | None:
+    """``(n,)`` bool: the row may go on, or None: every row may. A non-finite residual ends a row unless the
+    solver backs off from it (at most ``retries`` times in a row, never at the start, where there is nothing to
+    go back to). ``finite`` None: every residual is known to be finite."""
+    if finite is None:
+        rows.streak = None  # every streak is broken
+        return None
     if retries == 0 or k == 0:
         return finite
     if rows.streak is None:
-        if known_true(finite):
-            return finite
         rows.streak = torch.zeros_like(finite, dtype=torch.int32)
     rows.streak = torch.where(finite, 0, rows.streak + 1)
     return finite | (rows.streak <= retries)

@@ -18,6 +18,7 @@ solver feeds it to its model before proposing the next trial from the base.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TypeVar
 
 import torch
@@ -75,12 +76,13 @@ def judge(
     reject_ratio: float,
     max_backtracks: int,
     clean: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Decide per row whether the trial replaces the base.
+) -> Tensor:
+    """Decide per row whether the trial replaces the base: ``(B,)`` bool, True where it is rejected (every
+    NaN/Inf trial is).
 
     Args:
         res: ``(B,)`` residual norm of the trial (may be NaN/Inf).
-        res_base: ``(B,)`` residual norm of the base.
+        res_base: ``(B,)`` residual norm of the base (finite).
         t: ``(B,)`` the step length the trial was taken with.
         t_full: the full step length (a fresh direction's first trial).
         fails: ``(B,)`` int, rejections in a row so far.
@@ -88,17 +90,14 @@ def judge(
         max_backtracks: accept a finite trial after this many rejections in a row.
         clean: known that every row's trial is a full step after no rejection (``t == t_full``,
             ``fails == 0``, see :func:`next_trial`), which skips the backtracking terms.
-
-    Returns:
-        ``(finite, reject)``, ``(B,)`` bool each.
     """
-    finite = torch.isfinite(res)
-    if clean:  # the same test with every row on its first trial along a fresh direction
-        return finite, (~finite | (res > reject_ratio * res_base)) if max_backtracks > 0 else ~finite
+    if clean:  # every row on its first trial along a fresh direction: the same test in fewer passes
+        if max_backtracks == 0 or math.isinf(reject_ratio):
+            return ~torch.isfinite(res)
+        return ~(res <= reject_ratio * res_base)  # NaN and Inf fail the comparison
     backtracking = t < t_full
     bound = torch.where(backtracking, (1 - ARMIJO_C * t) * res_base, reject_ratio * res_base)
-    reject = ~finite | ((res > bound) & (fails < max_backtracks))
-    return finite, reject
+    return ~torch.isfinite(res) | ((res > bound) & (fails < max_backtracks))
 
 
 def base_point(

@@ -162,27 +162,16 @@ class Anderson(Safeguarded[AndersonState]):
                 Cg.mul_(t[:, None])
             x_next = torch.addcmul(base_x, t[:, None] * beta, base_g).sub_(Cg)
         nxt = AndersonState(
-            s.dG,
-            s.C,
-            s.H,
-            valid,
-            base_x,
-            base_g,
-            base_res,
-            t,
-            fails,
-            (s.ptr + 1) % self.m,
-            s.k + 1,
-            clean,
-            full,
-        )
+            dG=s.dG, C=s.C, H=s.H, valid=valid, x_prev=base_x, g_prev=base_g, res_prev=base_res, t=t,
+            fails=fails, ptr=(s.ptr + 1) % self.m, k=s.k + 1, clean=clean, full=full,
+        )  # fmt: skip
         return _out(x_next, z.dtype), nxt
 
     def _record(self, s: AndersonState, x: Tensor, g: Tensor, finite: Tensor | None) -> tuple[Tensor, bool]:
         """Write the trial's difference pair to ring slot ``ptr`` (in place) and its row/column of the Gram
         matrix ``s.H``; a NaN/Inf trial's slot is left empty (``finite`` None: every trial is known to be finite
-        and accepted). Returns ``(valid, full)``. ``H`` stays "clean":
-        rows and columns of unused slots are zero, so the solve needs no masking."""
+        and accepted). Returns ``(valid, full)``. ``H`` stays "clean": rows and columns of unused slots are
+        zero, so the solve needs no masking."""
         p = s.ptr
         dg = torch.sub(g, s.g_prev, out=s.dG[:, p])
         torch.sub(x, s.x_prev, out=s.C[:, p]).add_(dg, alpha=self.beta)

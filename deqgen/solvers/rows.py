@@ -63,6 +63,9 @@ class Rows:
         def pick(t: Tensor) -> Tensor:
             return t.index_select(0, keep)  # on CPU several times faster than t[keep], the same rows
 
+        masked = (
+            self.nfe is not None
+        )  # only masked mode keeps per-row counts and live masks across iterations
         z = pick(self.z)
         return Rows(
             orig=pick(self.orig),
@@ -72,10 +75,8 @@ class Rows:
             best_rel=pick(self.best_rel),
             start_abs=pick(self.start_abs),
             streak=None if self.streak is None else pick(self.streak),
-            nfe=None if self.nfe is None else pick(self.nfe),
-            live=pick(self.live)
-            if self.nfe is not None
-            else self.live,  # unmasked: replaced before it is read
+            nfe=pick(self.nfe) if masked else None,
+            live=pick(self.live) if masked else self.live,  # unmasked: replaced before it is read
         )
 
 

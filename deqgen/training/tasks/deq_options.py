@@ -30,6 +30,7 @@ __all__ = [
     "GradientChoice",
     "RegularizationSection",
     "SolverChoice",
+    "SolverSpec",
     "build_gradient",
     "build_solvers",
     "regularized_loss",
@@ -55,13 +56,12 @@ class GradientChoice(Section):
         return self
 
 
-class SolverChoice(Section):
+class SolverSpec(Section):
     """One deqgen solver by name."""
 
-    name: Literal["picard", "anderson", "broyden"] = Field("anderson", description="deqgen.solvers name")
+    name: Literal["picard", "anderson", "broyden"] = Field("picard", description="deqgen.solvers name")
     options: dict[str, Any] = Field(
-        default_factory=lambda: {"tol": 1e-4, "max_iter": 30},
-        description="constructor options, e.g. {tol: 1e-4, max_iter: 30, m: 5}",
+        default_factory=dict, description="constructor options, e.g. {tol: 1e-4, m: 5}"
     )
 
     @field_validator("options")
@@ -71,9 +71,19 @@ class SolverChoice(Section):
         if name is not None:
             try:
                 _solvers.get(name, **options)
-            except TypeError as e:
+            except TypeError as e:  # an unknown option: pydantic reports only ValueError/AssertionError
                 raise ValueError(str(e)) from None
         return options
+
+
+class SolverChoice(SolverSpec):
+    """One deqgen solver by name; the zoo tasks default to Anderson at tol 1e-4 within 30 iterations."""
+
+    name: Literal["picard", "anderson", "broyden"] = Field("anderson", description="deqgen.solvers name")
+    options: dict[str, Any] = Field(
+        default_factory=lambda: {"tol": 1e-4, "max_iter": 30},
+        description="constructor options, e.g. {tol: 1e-4, max_iter: 30, m: 5}",
+    )
 
 
 class RegularizationSection(Section):

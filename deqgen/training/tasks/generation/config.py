@@ -43,7 +43,8 @@ from deqgen.training.schema import (
     config_error,
     selected_sections,
 )
-from deqgen.training.tasks.generation.builders import build_solver, gradient_method
+from deqgen.training.tasks.deq_options import SolverSpec
+from deqgen.training.tasks.generation.builders import gradient_method
 
 __all__ = [
     "PATH_SECTIONS",
@@ -358,26 +359,6 @@ class GradientSection(Section):
             gradient_method(method, options)
         except TypeError as e:  # an unknown option: pydantic reports only ValueError/AssertionError
             raise ValueError(str(e)) from None
-        return options
-
-
-class SolverSpec(Section):
-    """One deqgen solver by name."""
-
-    name: Literal["picard", "anderson", "broyden"] = Field("picard", description="deqgen.solvers name")
-    options: dict[str, Any] = Field(
-        default_factory=dict, description="constructor options, e.g. {tol: 1e-4, m: 5}"
-    )
-
-    @field_validator("options")
-    @classmethod
-    def _buildable(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        name = info.data.get("name")
-        if name is not None:
-            try:
-                build_solver(name, options)
-            except TypeError as e:
-                raise ValueError(str(e)) from None
         return options
 
 

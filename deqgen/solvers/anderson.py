@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from deqgen.solvers.numerics import cast_to as _out
-from deqgen.solvers.numerics import combine, known_false, known_true, rowdot
+from deqgen.solvers.numerics import combine, host_view, known_false, known_true, rowdot
 from deqgen.solvers.safeguards import Safeguarded, base_point, judge, next_trial
 
 __all__ = ["Anderson", "AndersonState"]
@@ -201,13 +201,13 @@ class Anderson(Safeguarded[AndersonState]):
         H = s.H
         tr = torch.diagonal(H, dim1=-2, dim2=-1).sum(-1, keepdim=True).clamp_min(_TINY)  # (B, 1)
         rhs = rowdot(s.dG, g).double()
+        A = H / tr.unsqueeze(-1)
         if full:  # every slot valid: the diagonal is lam (computed as below, for the same bits)
-            diag = torch.full_like(tr, (self.lam - 1.0) + 1.0).expand(-1, self.m)
+            A.diagonal(dim1=-2, dim2=-1).add_((self.lam - 1.0) + 1.0)
         else:
             vf = valid.double()
-            diag = vf.mul(self.lam - 1.0).add_(1.0)  # lam on used slots, 1 on unused ones
+            A.diagonal(dim1=-2, dim2=-1).add_(vf.mul(self.lam - 1.0).add_(1.0))  # lam on used slots, 1 unused
             rhs.mul_(vf)
-        A = torch.diag_embed(diag).addcdiv_(H, tr.unsqueeze(-1))
         rhs.div_(tr)
         L, info = torch.linalg.cholesky_ex(A)
         gamma = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
@@ -240,8 +240,9 @@ class Anderson(Safeguarded[AndersonState]):
 
 def _known_well_conditioned(pivots: Tensor, info: Tensor, restart_cond: float) -> bool:
     """True when, known on CPU, every row's Cholesky succeeded and its smallest pivot passes the restart test
-    (the row-wise test below, decided by one reduction over all rows); False ("not known") elsewhere."""
-    if pivots.device.type != "cpu" or torch.compiler.is_compiling():
+    (the row-wise test below, decided by host reads over all rows); False ("not known") elsewhere."""
+    p, i = host_view(pivots), host_view(info)
+    if p is None or i is None or p.size == 0:
         return False
-    lo = float(pivots.amin())  # NaN fails the comparison
-    return lo * lo * restart_cond > 1.0 and not bool(info.any())
+    lo = float(p.min())  # NaN fails the comparison
+    return lo * lo * restart_cond > 1.0 and not i.any()

@@ -44,7 +44,9 @@ def _scaled(M: Tensor, s: float) -> Tensor:
 
 
 def _pick(t: Tensor, rows: Tensor | None) -> Tensor:
-    return t if rows is None else t[rows]
+    """The rows of ``t`` that ``f`` is evaluated on (``index_select``: on CPU several times faster than
+    ``t[rows]``, the same rows)."""
+    return t if rows is None else t.index_select(0, rows)
 
 
 def linear(B: int = 64, D: int = 512, seed: int = 1001, dtype: torch.dtype = torch.float64) -> BankProblem:

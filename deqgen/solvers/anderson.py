@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from deqgen.solvers.numerics import cast_to as _out
-from deqgen.solvers.numerics import combine, host_view, known_false, known_true, rowdot
+from deqgen.solvers.numerics import combine, known_false, known_true, rowdot
 from deqgen.solvers.safeguards import Safeguarded, base_point, judge, next_trial
 
 __all__ = ["Anderson", "AndersonState"]
@@ -24,11 +24,12 @@ class AndersonState:
 
     Attributes:
         dG: ``(B, m, D)`` ring of residual differences ``g_trial - g_base``.
-        C: ``(B, m, D)`` ring of ``dX + beta * dG`` (the step basis, one matmul per step).
+        C: ``(B, m, D)`` ring of ``dX + beta * dG`` (the step basis, one matmul per step); with ``beta = 1``
+            that is ``dF``, the differences of ``f``, written in one pass.
         H: ``(B, m, m)`` float64 Gram matrix ``dG dG^T`` of the valid slots (zero rows/columns elsewhere),
             updated one row/column per step.
         valid: ``(B, m)`` bool, which ring slots hold a live difference for the row.
-        x_prev, g_prev: ``(B, D)`` the base (the last accepted iterate) and its residual.
+        x_prev, g_prev, f_prev: ``(B, D)`` the base (the last accepted iterate), its residual and ``f`` there.
         res_prev: ``(B,)`` ``||g_prev||``.
         t: ``(B,)`` the step length of the pending trial.
         fails: ``(B,)`` int32, trials rejected in a row (see :mod:`deqgen.solvers.safeguards`).
@@ -45,6 +46,7 @@ class AndersonState:
     valid: Tensor
     x_prev: Tensor
     g_prev: Tensor
+    f_prev: Tensor
     res_prev: Tensor
     t: Tensor
     fails: Tensor
@@ -123,6 +125,7 @@ class Anderson(Safeguarded[AndersonState]):
             valid=torch.zeros(B, self.m, dtype=torch.bool, device=dev),
             x_prev=torch.zeros(B, D, dtype=wd, device=dev),
             g_prev=torch.zeros(B, D, dtype=wd, device=dev),
+            f_prev=torch.zeros(B, D, dtype=wd, device=dev),
             res_prev=torch.zeros(B, dtype=wd, device=dev),
             t=torch.ones(B, dtype=wd, device=dev),
             fails=torch.zeros(B, dtype=torch.int32, device=dev),
@@ -133,10 +136,10 @@ class Anderson(Safeguarded[AndersonState]):
     ) -> tuple[Tensor, AndersonState]:
         s = state
         wd = s.dG.dtype
-        x, gw = _out(z, wd), _out(g, wd)
+        x, gw, fw = _out(z, wd), _out(g, wd), _out(fz, wd)
         beta = self.beta
         if s.k == 0:
-            nxt = dataclasses.replace(s, x_prev=x, g_prev=gw, res_prev=res, k=1)
+            nxt = dataclasses.replace(s, x_prev=x, g_prev=gw, f_prev=fw, res_prev=res, k=1)
             return (z + beta * g if beta != 1.0 else fz), nxt
 
         reject = judge(
@@ -144,37 +147,45 @@ class Anderson(Safeguarded[AndersonState]):
         )
         accepted = known_false(reject)  # CPU: no row rejected, so every trial is finite and is the new base
         finite = None if accepted else torch.isfinite(res)
-        trial = (x, gw, res)
-        base_x, base_g, base_res = (
-            trial if accepted else base_point(reject, trial, (s.x_prev, s.g_prev, s.res_prev))
+        trial = (x, gw, fw, res)
+        base_x, base_g, base_f, base_res = (
+            trial if accepted else base_point(reject, trial, (s.x_prev, s.g_prev, s.f_prev, s.res_prev))
         )
-        valid, full = self._record(s, x, gw, finite)
+        valid, full = self._record(s, x, gw, fw, finite)
         gamma, valid, full = self._coefficients(s, valid, full, base_g)
 
-        # x_next = x_base + t (beta g_base - C^T gamma); with every row at t = 1 (known on CPU) the step skips
-        # the passes that apply t and gives the same bits, so a row's trajectory does not depend on its batch
+        # x_next = x_base + t (beta g_base - C^T gamma); with beta = 1 it is written f_base - (1 - t) g_base -
+        # t C^T gamma, one pass when every row is at t = 1 (known on CPU): the same bits either way, so a row's
+        # trajectory does not depend on its batch
         t, fails, clean = next_trial(s.t, s.fails, reject, accepted, s.clean, 1.0, self.shrink)
         Cg = combine(gamma, s.C)
         if accepted and beta == 1.0:
-            x_next = torch.add(base_x, base_g).sub_(Cg)
+            x_next = torch.sub(base_f, Cg)
+        elif beta == 1.0:
+            x_next = torch.addcmul(base_f, (1.0 - t)[:, None], base_g, value=-1.0).sub_(Cg.mul_(t[:, None]))
         else:
             if not accepted:
                 Cg.mul_(t[:, None])
             x_next = torch.addcmul(base_x, t[:, None] * beta, base_g).sub_(Cg)
         nxt = AndersonState(
-            dG=s.dG, C=s.C, H=s.H, valid=valid, x_prev=base_x, g_prev=base_g, res_prev=base_res, t=t,
-            fails=fails, ptr=(s.ptr + 1) % self.m, k=s.k + 1, clean=clean, full=full,
+            dG=s.dG, C=s.C, H=s.H, valid=valid, x_prev=base_x, g_prev=base_g, f_prev=base_f, res_prev=base_res,
+            t=t, fails=fails, ptr=(s.ptr + 1) % self.m, k=s.k + 1, clean=clean, full=full,
         )  # fmt: skip
         return _out(x_next, z.dtype), nxt
 
-    def _record(self, s: AndersonState, x: Tensor, g: Tensor, finite: Tensor | None) -> tuple[Tensor, bool]:
+    def _record(
+        self, s: AndersonState, x: Tensor, g: Tensor, f: Tensor, finite: Tensor | None
+    ) -> tuple[Tensor, bool]:
         """Write the trial's difference pair to ring slot ``ptr`` (in place) and its row/column of the Gram
         matrix ``s.H``; a NaN/Inf trial's slot is left empty (``finite`` None: every trial is known to be finite
         and accepted). Returns ``(valid, full)``. ``H`` stays "clean": rows and columns of unused slots are
         zero, so the solve needs no masking."""
         p = s.ptr
         dg = torch.sub(g, s.g_prev, out=s.dG[:, p])
-        torch.sub(x, s.x_prev, out=s.C[:, p]).add_(dg, alpha=self.beta)
+        if self.beta == 1.0:  # dX + dG = dF
+            torch.sub(f, s.f_prev, out=s.C[:, p])
+        else:
+            torch.sub(x, s.x_prev, out=s.C[:, p]).add_(dg, alpha=self.beta)
         if finite is not None and not known_false(~finite):  # a NaN/Inf trial carries no secant information
             s.dG[:, p] = torch.where(finite[:, None], dg, 0.0)
             s.C[:, p] = torch.where(finite[:, None], s.C[:, p], 0.0)
@@ -240,9 +251,8 @@ class Anderson(Safeguarded[AndersonState]):
 
 def _known_well_conditioned(pivots: Tensor, info: Tensor, restart_cond: float) -> bool:
     """True when, known on CPU, every row's Cholesky succeeded and its smallest pivot passes the restart test
-    (the row-wise test below, decided by host reads over all rows); False ("not known") elsewhere."""
-    p, i = host_view(pivots), host_view(info)
-    if p is None or i is None or p.size == 0:
+    (the row-wise test below, decided by one reduction over all rows); False ("not known") elsewhere."""
+    if pivots.device.type != "cpu" or torch.compiler.is_compiling():
         return False
-    lo = float(p.min())  # NaN fails the comparison
-    return lo * lo * restart_cond > 1.0 and not i.any()
+    lo = float(pivots.amin())  # NaN fails the comparison
+    return lo * lo * restart_cond > 1.0 and not bool(info.any())

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
     "cast_to",
     "combine",
-    "host_view",
     "known_false",
     "known_true",
     "residual_norms",
@@ -56,20 +54,13 @@ def _rescaled(v: Tensor, n: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(suspect & fine, scaled, n)
 
 
-def host_view(t: Tensor) -> np.ndarray | None:
-    """A numpy view of ``t`` when a host read is free (``t`` on CPU, outside ``torch.compile`` tracing, a dtype
-    numpy holds), else None. On CPU numpy answers a reduction over a ``(B,)`` vector in a fraction of the
-    time of a torch kernel launch, which matters for the per-iteration decisions of the solver loop."""
-    if t.device.type != "cpu" or torch.compiler.is_compiling() or t.dtype in (torch.bfloat16, torch.float16):
-        return None
-    return t.detach().numpy()
-
-
 def _known_within(n: Tensor, low: float) -> bool:
-    """True when every entry of ``n`` is known to lie in ``[low, inf)``, decided by host reads on CPU; False
-    ("not known") on other devices, while ``torch.compile`` traces, or when one is NaN."""
-    v = host_view(n)
-    return v is not None and v.size > 0 and bool(v.min() >= low) and bool(v.max() < math.inf)
+    """True when every entry of ``n`` is known to lie in ``[low, inf)``, decided by one reduction and two host
+    reads on CPU; False ("not known") on other devices, while ``torch.compile`` traces, or when one is NaN."""
+    if n.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    lo, hi = torch.aminmax(n)
+    return float(lo) >= low and float(hi) < math.inf
 
 
 def residual_norms(
@@ -95,7 +86,7 @@ def residual_norms(
     # CPU shortcut: when every norm is finite and far from underflow (no l2 norm needs rescaling, no division
     # by a tiny norm) the general path below reduces to one division, bit for bit
     low = math.sqrt(info.tiny) / info.eps if ord != math.inf else info.tiny
-    if _known_within(abs_, low) and _known_within(fz_norm, low):
+    if _known_within(torch.stack((abs_, fz_norm)), low):
         return abs_, abs_ / fz_norm, None
     if ord != math.inf:
         abs_, fz_norm = _rescaled(g, abs_, dtype), _rescaled(fz, fz_norm, dtype)
@@ -116,15 +107,17 @@ def known_false(mask: Tensor) -> bool:
     passes that CPU kernels make expensive. On other devices, and while ``torch.compile`` traces (a host read
     would break the graph), it returns False ("not known"), and callers take the general, sync-free path.
     """
-    v = host_view(mask)
-    return v is not None and not v.any()
+    if mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return not bool(mask.any())
 
 
 def known_true(mask: Tensor) -> bool:
     """True when ``mask`` is certainly all True, decided without an accelerator sync (as
     :func:`known_false`)."""
-    v = host_view(mask)
-    return v is not None and bool(v.all())
+    if mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return bool(mask.all())
 
 
 def rowdot(A: Tensor, v: Tensor) -> Tensor:

@@ -100,20 +100,15 @@ def judge(
     return ~torch.isfinite(res) | ((res > bound) & (fails < max_backtracks))
 
 
-def base_point(
-    reject: Tensor, trial: tuple[Tensor, Tensor, Tensor], base: tuple[Tensor, Tensor, Tensor]
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x, g, res)`` the next trial starts from: the trial where accepted, the old base where rejected.
+def base_point(reject: Tensor, trial: tuple[Tensor, ...], base: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The point the next trial starts from, field by field: the trial's where accepted, the old base's where
+    rejected.
 
-    ``trial`` and ``base`` are ``(x: (B, D), g: (B, D), res: (B,))``. (Callers that know no row rejected take
-    the trial without calling this.)
+    ``trial`` and ``base`` hold the same batch-first fields, e.g. ``(x: (B, D), g: (B, D), res: (B,))``.
+    (Callers that know no row rejected take the trial without calling this.)
     """
     col = reject[:, None]
-    return (
-        torch.where(col, base[0], trial[0]),
-        torch.where(col, base[1], trial[1]),
-        torch.where(reject, base[2], trial[2]),
-    )
+    return tuple(torch.where(col if t.dim() > 1 else reject, b, t) for t, b in zip(trial, base, strict=True))
 
 
 def next_trial(

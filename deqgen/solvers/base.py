@@ -190,6 +190,7 @@ class _Loop:
         z0 = problem.z0.detach()
         self.problem, self.solver, self.want_trace = problem, solver, want_trace
         self.B, self.S = problem.batch_size, problem.sample_shape
+        self.flat = len(self.S) == 1
         self.dtype = _iterate_dtype(z0, solver)
         self.rdtype = work_dtype(self.dtype)
         self.ord = 2.0 if solver.norm == "l2" else math.inf
@@ -222,10 +223,13 @@ class _Loop:
         else:
             zin = z
         rows = orig if z_full is None else None
-        shape = (zin.shape[0], *self.S)
-        fz = self.problem.evaluate(zin.view(shape), k, rows, x_rows)
-        fz = _checked_output(fz, shape, zin.dtype, k).reshape(shape[0], -1)
-        self.rows_evaluated += shape[0]
+        if self.flat:  # samples are vectors: f takes and returns (n, D) as the loop holds them
+            fz = _checked_output(self.problem.evaluate(zin, k, rows, x_rows), zin.shape, zin.dtype, k)
+        else:
+            shape = (zin.shape[0], *self.S)
+            fz = self.problem.evaluate(zin.view(shape), k, rows, x_rows)
+            fz = _checked_output(fz, shape, zin.dtype, k).reshape(shape[0], -1)
+        self.rows_evaluated += zin.shape[0]
         return fz.index_select(0, orig) if z_full is not None and orig is not None else fz
 
     def record(self, res_abs: Tensor, res_rel: Tensor, live: Tensor | None, orig: Tensor) -> None:
@@ -347,6 +351,6 @@ def _checked_output(fz: Any, shape: tuple[int, ...], dtype: torch.dtype, k: int)
             return fz.float()
     got = f"shape {tuple(fz.shape)}, dtype {fz.dtype}" if isinstance(fz, Tensor) else type(fz).__name__
     raise SolverError(
-        f"f must return a tensor shaped like its input z: expected shape {shape}, dtype {dtype}; "
+        f"f must return a tensor shaped like its input z: expected shape {tuple(shape)}, dtype {dtype}; "
         f"got {got} (at iteration k={k})"
     )

@@ -6,6 +6,7 @@ Every function works on flattened samples ``(B, D)`` and is free of host synchro
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 
 import torch
 from torch import Tensor
@@ -63,6 +64,19 @@ def _known_within(n: Tensor, low: float) -> bool:
     return float(lo) >= low and float(hi) < math.inf
 
 
+def _floor(dtype: torch.dtype, ord: float) -> float:
+    """The smallest norm that needs no care: below it an l2 norm is rescaled (see :func:`row_norm`), and a
+    max-norm is a subnormal."""
+    info = torch.finfo(dtype)
+    return math.sqrt(info.tiny) / info.eps if ord != math.inf else info.tiny
+
+
+_FLOORS = MappingProxyType(
+    {(dt, o): _floor(dt, o) for dt in (torch.float32, torch.float64) for o in (2.0, math.inf)}
+)
+""":func:`_floor` of the residual dtypes, computed once (read-only)."""
+
+
 def residual_norms(
     g: Tensor, fz: Tensor, ord: float, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -82,12 +96,11 @@ def residual_norms(
     """
     abs_ = torch.linalg.vector_norm(g, ord=ord, dim=1, dtype=dtype)
     fz_norm = torch.linalg.vector_norm(fz, ord=ord, dim=1, dtype=dtype)
-    info = torch.finfo(dtype)
     # CPU shortcut: when every norm is finite and far from underflow (no l2 norm needs rescaling, no division
     # by a tiny norm) the general path below reduces to one division, bit for bit
-    low = math.sqrt(info.tiny) / info.eps if ord != math.inf else info.tiny
-    if _known_within(torch.stack((abs_, fz_norm)), low):
+    if _known_within(torch.stack((abs_, fz_norm)), _FLOORS.get((dtype, ord)) or _floor(dtype, ord)):
         return abs_, abs_ / fz_norm, None
+    info = torch.finfo(dtype)
     if ord != math.inf:
         abs_, fz_norm = _rescaled(g, abs_, dtype), _rescaled(fz, fz_norm, dtype)
     nan_off = fz_norm - fz_norm  # 0 where ||f(z)|| is finite, NaN where it is not

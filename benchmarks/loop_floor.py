@@ -6,7 +6,7 @@ outside ``f``. To show where the floor lies, this script times two loops that ke
 solve cannot do without: evaluate ``f`` on the working rows, test the relative residual, drop finished rows.
 They have no safeguard, restart, best-iterate tracking, NaN isolation, statistics or input checks, and their
 small least-squares solve runs in numpy; they are measuring instruments, not solvers. The Anderson one uses
-deqgen's defaults (m = 5, relative ridge 1e-10, beta = 1) and makes the same f calls on these problems.
+deqgen's defaults (memory m, relative ridge lam, beta = 1) and makes the same f calls on these problems.
 
     python benchmarks/loop_floor.py              # P2 and P3, tol 1e-6, 9 interleaved rounds (~1 min)
 
@@ -57,7 +57,12 @@ def stripped_picard(f: Callable[..., Tensor], z0: Tensor, tol: float, max_iter: 
 
 
 def stripped_anderson(
-    f: Callable[..., Tensor], z0: Tensor, tol: float, max_iter: int, m: int = 5, lam: float = 1e-10
+    f: Callable[..., Tensor],
+    z0: Tensor,
+    tol: float,
+    max_iter: int,
+    m: int = deqgen.Anderson.m,
+    lam: float = deqgen.Anderson.lam,
 ) -> Tensor:
     """Type-II Anderson with finished rows dropped; the ``(m, m)`` ridge system is solved in float64 numpy."""
     B, D = z0.shape

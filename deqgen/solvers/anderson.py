@@ -94,7 +94,7 @@ class Anderson(Safeguarded[AndersonState]):
         (True, 0.739085)
     """
 
-    m: int = 5
+    m: int = 6
     lam: float = 1e-10
     beta: float = 1.0
     restart_cond: float = 1e8

@@ -28,6 +28,14 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _norm(v: Tensor, ord: float, dtype: torch.dtype) -> Tensor:
+    """The plain per-row norm of ``v: (B, D)`` in ``dtype`` (without the ``dtype`` argument when ``v`` already
+    has it: the same values, and a cheaper call)."""
+    if v.dtype == dtype:
+        return torch.linalg.vector_norm(v, ord=ord, dim=1)
+    return torch.linalg.vector_norm(v, ord=ord, dim=1, dtype=dtype)
+
+
 def row_norm(v: Tensor, ord: float, dtype: torch.dtype) -> Tensor:
     """Per-row norm of ``v: (B, D)`` in ``dtype``, ``(B,)``, that does not overflow while the entries are
     finite.
@@ -38,7 +46,7 @@ def row_norm(v: Tensor, ord: float, dtype: torch.dtype) -> Tensor:
     finite row gets a finite norm unless the norm itself exceeds the dtype's range. A row with a NaN or Inf
     entry keeps its NaN/Inf norm.
     """
-    n = torch.linalg.vector_norm(v, ord=ord, dim=1, dtype=dtype)
+    n = _norm(v, ord, dtype)
     return n if ord == math.inf else _rescaled(v, n, dtype)  # a maximum cannot overflow
 
 
@@ -94,8 +102,7 @@ def residual_norms(
         ``f(z) = 0`` but ``g != 0``. ``finite``: ``abs`` is finite and ``rel`` is not NaN; None when that is
         known for every row (on CPU, see :func:`known_true`).
     """
-    abs_ = torch.linalg.vector_norm(g, ord=ord, dim=1, dtype=dtype)
-    fz_norm = torch.linalg.vector_norm(fz, ord=ord, dim=1, dtype=dtype)
+    abs_, fz_norm = _norm(g, ord, dtype), _norm(fz, ord, dtype)
     # CPU shortcut: when every norm is finite and far from underflow (no l2 norm needs rescaling, no division
     # by a tiny norm) the general path below reduces to one division, bit for bit
     if _known_within(torch.stack((abs_, fz_norm)), _FLOORS.get((dtype, ord)) or _floor(dtype, ord)):

@@ -30,6 +30,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import deqgen  # noqa: E402
+from tests.benchmarks.harness import Counted  # noqa: E402
 from tests.problems import BankProblem, benchmark_problem  # noqa: E402
 
 
@@ -101,17 +102,6 @@ def stripped_anderson(
     return out
 
 
-class _Counted:
-    """``f`` with a count of its calls and of the rows it evaluated."""
-
-    def __init__(self, f: Callable[..., Tensor]) -> None:
-        self.f, self.calls, self.rows = f, 0, 0
-
-    def __call__(self, z: Tensor, rows: Tensor | None = None) -> Tensor:
-        self.calls, self.rows = self.calls + 1, self.rows + z.shape[0]
-        return self.f(z, rows=rows)
-
-
 def _loops(bp: BankProblem, tol: float, f: Callable[..., Tensor]) -> dict[str, Callable[[], Tensor]]:
     """The loops timed on ``bp`` (with ``f`` in place of ``bp.f``), each returning its ``z``."""
     from torchdeq.solver import fixed_point_iter
@@ -149,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         times: dict[str, list[float]] = {k: [] for k in loops}
         seen = {}
         with torch.no_grad():
-            for key, loop in _loops(bp, args.tol, counted := _Counted(bp.f)).items():  # warm-up, with counts
+            for key, loop in _loops(bp, args.tol, counted := Counted(bp.f)).items():  # warm-up, with counts
                 counted.calls = counted.rows = 0
                 z = loop()
                 fz = bp.full(z).double()

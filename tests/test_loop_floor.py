@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from deqgen import Anderson, FixedPointProblem, Picard, run
+from tests.benchmarks.harness import Counted
 from tests.problems import mixed
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "loop_floor.py"
@@ -29,22 +30,12 @@ def _load() -> ModuleType:
     return module
 
 
-class _Counted:
-    def __init__(self, f) -> None:
-        self.f, self.calls, self.rows = f, 0, 0
-
-    def __call__(self, z, rows=None):
-        self.calls += 1
-        self.rows += z.shape[0]
-        return self.f(z, rows=rows)
-
-
 @pytest.mark.parametrize("kind", ["picard", "anderson"])
 def test_stripped_loops_solve_like_deqgen(kind: str) -> None:
     floor = _load()
     bp = mixed(B=16, D=64, dtype=torch.float32)
     tol = 1e-5
-    stripped, ours = _Counted(bp.f), _Counted(bp.f)
+    stripped, ours = Counted(bp.f), Counted(bp.f)
     with torch.no_grad():
         if kind == "picard":
             z = floor.stripped_picard(stripped, bp.z0, tol, bp.max_iter)

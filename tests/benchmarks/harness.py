@@ -34,7 +34,7 @@ class Outcome:
     max_res: float
 
 
-class _Counted:
+class Counted:
     """Wraps ``f`` to count calls and rows evaluated (torchdeq reports neither)."""
 
     def __init__(self, f: Callable[..., Tensor]) -> None:
@@ -46,9 +46,9 @@ class _Counted:
         return self.f(z, rows=rows)
 
 
-def solve_once(library: str, name: str, bp: BankProblem, tol: float) -> tuple[Tensor, _Counted, float]:
+def solve_once(library: str, name: str, bp: BankProblem, tol: float) -> tuple[Tensor, Counted, float]:
     """Run one solver on ``bp``; returns (z, the call counter, wall seconds)."""
-    counted = _Counted(bp.f)
+    counted = Counted(bp.f)
     if library == "deqgen":
         solver = solvers.get(name, tol=tol, stop_mode="rel", max_iter=bp.max_iter)
         problem = FixedPointProblem(counted, bp.z0, separable=True)

@@ -1,6 +1,6 @@
 """deqgen vs torchdeq on P1-P4: a markdown table of time ratios, measured side by side in one run.
 
-    python benchmarks/solver_table.py                 # all problems, tol 1e-4 and 1e-6 (~5 min on 2 cores)
+    python benchmarks/solver_table.py                 # all problems, tol 1e-4 and 1e-6 (~2-3 min on 2 cores)
     python benchmarks/solver_table.py --problems P1 P3 --rounds 3
 
 Protocol (also in docs/benchmarks.md): (float32, one thread, z0 = 0, relative stopping; torchdeq with its defaults).
